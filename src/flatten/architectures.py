@@ -1,0 +1,150 @@
+"""Architecture adapters: where a pre-norm decoder block keeps its norms and projections.
+
+An adapter is data, not code. Every path is an attribute path relative to one decoder block (or, for
+``layers``, relative to the ``*ForCausalLM`` model); config fields are attribute names on the model's config.
+A new LLaMA-like family is one ``register_architecture(Architecture("name"))`` call, with overrides only
+where its names differ.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from flatten.registry import Registry
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The width of one decoder block."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    layers: str = "model.layers"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    gate_proj: str = "mlp.gate_proj"
+    up_proj: str = "mlp.up_proj"
+    down_proj: str = "mlp.down_proj"
+    # config attribute names
+    num_heads_field: str = "num_attention_heads"
+    num_kv_heads_field: str = "num_key_value_heads"
+    head_dim_field: str = "head_dim"
+    intermediate_size_field: str = "intermediate_size"
+    num_layers_field: str = "num_hidden_layers"
+    # config lists with one entry per layer (shrunk when layers are removed)
+    per_layer_fields: tuple[str, ...] = ("layer_types",)
+    # config ints counting leading layers (lowered when a layer below them is removed)
+    layer_count_fields: tuple[str, ...] = ()
+
+    @property
+    def attn_readers(self) -> tuple[str, ...]:
+        """Projections that read the attention norm's output (concatenated along outputs)."""
+        return (self.q_proj, self.k_proj, self.v_proj)
+
+    @property
+    def mlp_readers(self) -> tuple[str, ...]:
+        """Projections that read the MLP norm's output (concatenated along outputs)."""
+        return (self.gate_proj, self.up_proj)
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Projections that write into the residual stream (concatenated along inputs)."""
+        return (self.o_proj, self.down_proj)
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        return (self.attn_norm, self.mlp_norm)
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        try:
+            layers = model.get_submodule(self.layers)
+        except AttributeError:
+            raise ValueError(
+                f"model of type {type(model).__name__} has no decoder-layer list at {self.layers!r} "
+                f"(architecture {self.model_type!r} expects one)"
+            ) from None
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{self.layers!r} of {type(model).__name__} is a {type(layers).__name__}, not a ModuleList")
+        return layers
+
+    def shape_of(self, config) -> BlockShape:
+        """The block shape the config declares."""
+        heads = getattr(config, self.num_heads_field)
+        kv_heads = getattr(config, self.num_kv_heads_field, None) or heads
+        head_dim = getattr(config, self.head_dim_field, None) or config.hidden_size // heads
+        return BlockShape(heads, kv_heads, head_dim, getattr(config, self.intermediate_size_field))
+
+    def block_shape(self, block: nn.Module, config) -> BlockShape:
+        """The shape a block really has, read off its weights (a wide block differs from its config)."""
+        self.check_block(block)
+        head_dim = self.shape_of(config).head_dim
+        q_rows = block.get_submodule(self.q_proj).weight.shape[0]
+        k_rows = block.get_submodule(self.k_proj).weight.shape[0]
+        channels = block.get_submodule(self.gate_proj).weight.shape[0]
+        return BlockShape(q_rows // head_dim, k_rows // head_dim, head_dim, channels)
+
+    def config_with_shape(self, config, shape: BlockShape):
+        """A copy of ``config`` that declares blocks of ``shape``."""
+        wide = copy.deepcopy(config)
+        setattr(wide, self.num_heads_field, shape.num_heads)
+        setattr(wide, self.num_kv_heads_field, shape.num_kv_heads)
+        setattr(wide, self.head_dim_field, shape.head_dim)
+        setattr(wide, self.intermediate_size_field, shape.intermediate_size)
+        return wide
+
+    def check_block(self, block: nn.Module) -> None:
+        """Raise a clear error if the block lacks a part this description names."""
+        for path in self.norms + self.attn_readers + self.mlp_readers + self.writers:
+            try:
+                module = block.get_submodule(path)
+            except AttributeError:
+                raise ValueError(
+                    f"{type(block).__name__} has no {path!r}: it is not a pre-norm block laid out as "
+                    f"architecture {self.model_type!r} describes"
+                ) from None
+            if getattr(module, "weight", None) is None:
+                raise ValueError(f"{type(block).__name__}.{path} has no weight")
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+
+
+def register_architecture(arch: Architecture, *, replace: bool = False) -> Architecture:
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"register_architecture takes an Architecture, got {type(arch).__name__}")
+    return ARCHITECTURES.register(arch.model_type, arch, replace=replace)
+
+
+def architecture_for(model_or_config) -> Architecture:
+    """The adapter for a model (or config), chosen by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(ARCHITECTURES.names())} "
+            "(register a new one with flatten.register_architecture)"
+        )
+    return ARCHITECTURES.get(model_type)
+
+
+register_architecture(Architecture("llama"))
+register_architecture(Architecture("mistral"))
+register_architecture(Architecture("qwen2", layer_count_fields=("max_window_layers",)))

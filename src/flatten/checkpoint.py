@@ -1,0 +1,55 @@
+"""Saving a compressed model as a stock Hugging Face checkpoint, atomically."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from flatten.architectures import architecture_for
+
+
+def check_stock(model: nn.Module) -> None:
+    """Raise if a block's shape differs from what the config declares (e.g. an unpruned wide block):
+    ``from_pretrained`` could not load such a checkpoint."""
+    arch = architecture_for(model)
+    want = arch.shape_of(model.config)
+    layers = arch.layers_of(model)
+    if len(layers) != getattr(model.config, arch.num_layers_field):
+        raise ValueError(f"model has {len(layers)} blocks but its config says {getattr(model.config, arch.num_layers_field)}")
+    for index, block in enumerate(layers):
+        have = arch.block_shape(block, model.config)
+        if have != want:
+            raise ValueError(f"block {index} has shape {have}, the config declares {want}: prune wide blocks "
+                             "back to the model's width before saving a stock checkpoint")
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``.
+
+    Everything is written to a temporary folder beside ``out_dir`` and renamed into place when complete:
+    an interrupted save leaves any earlier content of ``out_dir`` as it was.
+    """
+    check_stock(model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
+            staging.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir

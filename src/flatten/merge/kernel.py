@@ -1,0 +1,188 @@
+"""The flatten-and-prune kernel (METHOD.md sections 2 and 3).
+
+Pure functions from blocks to new blocks: the inputs are never modified. The kernel knows blocks only
+through an ``Architecture`` description and takes every selection and compensation weight from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flatten.architectures import Architecture, BlockShape
+
+
+def build_block(template: nn.Module, arch: Architecture, config, shape: BlockShape, layer_idx: int,
+                state: dict[str, Tensor]) -> nn.Module:
+    """A new block of ``template``'s class and of ``shape``, holding exactly the tensors in ``state``."""
+    block_config = config if shape == arch.shape_of(config) else arch.config_with_shape(config, shape)
+    with torch.device("meta"):
+        block = type(template)(block_config, layer_idx)
+    block.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(template).__name__} has state the kernel does not set: {left}")
+    return block.train(template.training)
+
+
+def _state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
+    """The block's tensors by name, failing on any tensor the architecture description does not cover."""
+    state = {name: t.detach() for name, t in block.state_dict().items()}
+    covered = {f"{path}.{kind}" for path in arch.norms + arch.attn_readers + arch.mlp_readers + arch.writers
+               for kind in ("weight", "bias")}
+    unknown = sorted(set(state) - covered)
+    if unknown:
+        raise ValueError(
+            f"{type(block).__name__} holds tensors that architecture {arch.model_type!r} does not describe: "
+            f"{unknown}; flattening them is not defined"
+        )
+    return state
+
+
+def folded_state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
+    """The block's tensors with each RMSNorm weight folded into the projections that read it.
+
+    ``W <- W * gamma`` (input columns), then ``gamma <- 1``: an exact rewrite of the block.
+    """
+    arch.check_block(block)
+    state = {name: t.clone() for name, t in _state(block, arch).items()}
+    for norm, readers in ((arch.attn_norm, arch.attn_readers), (arch.mlp_norm, arch.mlp_readers)):
+        gamma = state[f"{norm}.weight"]
+        for reader in readers:
+            weight = state[f"{reader}.weight"]
+            work = torch.promote_types(weight.dtype, torch.float32)
+            state[f"{reader}.weight"] = (weight.to(work) * gamma.to(work)).to(weight.dtype)
+        state[f"{norm}.weight"] = torch.ones_like(gamma)
+    return state
+
+
+def fold_norms(block: nn.Module, arch: Architecture, config, layer_idx: int) -> nn.Module:
+    """A copy of ``block`` with its norm weights folded into its projections (same function)."""
+    return build_block(block, arch, config, arch.block_shape(block, config), layer_idx, folded_state(block, arch))
+
+
+def _bias_pair(a: dict, b: dict, key: str) -> tuple[Tensor | None, Tensor | None]:
+    bias_a, bias_b = a.get(key), b.get(key)
+    if (bias_a is None) != (bias_b is None):
+        raise ValueError(f"only one of the two blocks has {key!r}; both must have it or neither")
+    return bias_a, bias_b
+
+
+def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, config, layer_idx: int) -> nn.Module:
+    """One wide block computing ``u = x + A1(N1 x) + A2(N2 x)``, ``y = u + M1(N1' u) + M2(N2' u)``.
+
+    Heads are concatenated as "all of ``first``, then all of ``second``", so KV head ``j`` keeps serving
+    query heads ``j*G .. j*G+G-1`` and stock GQA code computes the wide block correctly.
+    """
+    if type(first) is not type(second):
+        raise TypeError(f"cannot flatten a {type(first).__name__} with a {type(second).__name__}")
+    shape_a, shape_b = arch.block_shape(first, config), arch.block_shape(second, config)
+    if shape_a != shape_b:
+        raise ValueError(f"blocks of different shapes cannot be flattened: {shape_a} vs {shape_b}")
+    a, b = folded_state(first, arch), folded_state(second, arch)
+    for name in a:
+        if name in b and a[name].dtype != b[name].dtype:
+            raise ValueError(f"{name} has dtype {a[name].dtype} in one block and {b[name].dtype} in the other")
+
+    wide: dict[str, Tensor] = {}
+    for norm in arch.norms:
+        wide[f"{norm}.weight"] = a[f"{norm}.weight"]
+    for reader in arch.attn_readers + arch.mlp_readers:
+        wide[f"{reader}.weight"] = torch.cat([a[f"{reader}.weight"], b[f"{reader}.weight"]], dim=0)
+        bias_a, bias_b = _bias_pair(a, b, f"{reader}.bias")
+        if bias_a is not None:
+            wide[f"{reader}.bias"] = torch.cat([bias_a, bias_b], dim=0)
+    for writer in arch.writers:
+        wide[f"{writer}.weight"] = torch.cat([a[f"{writer}.weight"], b[f"{writer}.weight"]], dim=1)
+        bias_a, bias_b = _bias_pair(a, b, f"{writer}.bias")
+        if bias_a is not None:
+            wide[f"{writer}.bias"] = bias_a + bias_b
+
+    wide_shape = BlockShape(2 * shape_a.num_heads, 2 * shape_a.num_kv_heads, shape_a.head_dim,
+                            2 * shape_a.intermediate_size)
+    return build_block(first, arch, config, wide_shape, layer_idx, wide)
+
+
+def _selection(indices, name: str, count: int, available: int) -> Tensor:
+    """Validated, sorted, unique indices as a long tensor."""
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, (Sequence, Tensor)) and not hasattr(indices, "__array__"):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(indices).__name__}")
+    try:
+        t = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a sequence of integers, got {indices!r}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    t = t.reshape(-1).long().cpu()
+    if t.numel() != count:
+        raise ValueError(f"{name} must select exactly {count} of {available}, got {t.numel()}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= available):
+        raise ValueError(f"{name} must lie in [0, {available}), got values from {int(t.min())} to {int(t.max())}")
+    t = torch.sort(t).values
+    if t.numel() > 1 and bool((t[1:] == t[:-1]).any()):
+        raise ValueError(f"{name} holds repeated indices")
+    return t
+
+
+def _replacement(weight, name: str, like: Tensor) -> Tensor:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(weight).__name__}")
+    if tuple(weight.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} (out x in of the pruned block), "
+                         f"got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return weight.detach().to(dtype=like.dtype, device=like.device).clone()
+
+
+def head_rows(groups: Tensor, group_size: int, head_dim: int) -> Tensor:
+    """Row indices of ``q_proj`` for the query heads of the given KV groups, in group order."""
+    heads = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def kv_rows(groups: Tensor, head_dim: int) -> Tensor:
+    """Row indices of ``k_proj``/``v_proj`` for the given KV heads."""
+    return (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def prune_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
+                o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
+    """Shrink ``block`` to the config's width: keep ``keep_groups`` (KV head + its query heads) and
+    ``keep_channels`` (MLP channels); optionally replace ``o_proj``/``down_proj`` weights (compensation).
+
+    Selections are sorted ascending; replacement weights are laid out in that order. The result is a
+    block of exactly the shape ``config`` declares, so the model stays a stock checkpoint.
+    """
+    have, want = arch.block_shape(block, config), arch.shape_of(config)
+    if have.group_size != want.group_size or have.head_dim != want.head_dim:
+        raise ValueError(f"block {have} cannot be pruned to {want}: GQA group size and head_dim must match")
+    groups = _selection(keep_groups, "keep_groups", want.num_kv_heads, have.num_kv_heads)
+    channels = _selection(keep_channels, "keep_channels", want.intermediate_size, have.intermediate_size)
+    q_rows = head_rows(groups, have.group_size, have.head_dim)
+    k_rows = kv_rows(groups, have.head_dim)
+
+    state = {name: t.clone() for name, t in _state(block, arch).items()}
+
+    def take(path: str, rows: Tensor, dim: int, bias: bool) -> None:
+        key = f"{path}.weight"
+        state[key] = state[key].index_select(dim, rows.to(state[key].device))
+        if bias and f"{path}.bias" in state:
+            state[f"{path}.bias"] = state[f"{path}.bias"].index_select(0, rows.to(state[key].device))
+
+    take(arch.q_proj, q_rows, 0, bias=True)
+    take(arch.k_proj, k_rows, 0, bias=True)
+    take(arch.v_proj, k_rows, 0, bias=True)
+    take(arch.o_proj, q_rows, 1, bias=False)
+    take(arch.gate_proj, channels, 0, bias=True)
+    take(arch.up_proj, channels, 0, bias=True)
+    take(arch.down_proj, channels, 1, bias=False)
+    if o_proj is not None:
+        key = f"{arch.o_proj}.weight"
+        state[key] = _replacement(o_proj, "o_proj", state[key])
+    if down_proj is not None:
+        key = f"{arch.down_proj}.weight"
+        state[key] = _replacement(down_proj, "down_proj", state[key])
+    return build_block(block, arch, config, want, layer_idx, state)

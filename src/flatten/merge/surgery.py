@@ -1,0 +1,58 @@
+"""Model surgery: put a new block in place of a span of blocks and keep the model a stock checkpoint."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flatten.architectures import Architecture, architecture_for
+
+
+def renumber_layers(model: nn.Module, arch: Architecture | None = None) -> None:
+    """Set every ``layer_idx`` (the KV cache is indexed by it) to the block's position."""
+    arch = arch or architecture_for(model)
+    for position, block in enumerate(arch.layers_of(model)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+
+
+def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
+                 arch: Architecture | None = None) -> nn.Module:
+    """Replace blocks ``start .. stop-1`` of ``model`` (in place) with ``block``; return the model.
+
+    Renumbers ``layer_idx``, shrinks per-layer config lists (the span keeps its first layer's entry),
+    lowers leading-layer counts and sets the layer count.
+    """
+    arch = arch or architecture_for(model)
+    layers = arch.layers_of(model)
+    count = len(layers)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in (start, stop)):
+        raise TypeError(f"start and stop must be ints, got {start!r} and {stop!r}")
+    if not 0 <= start < stop <= count:
+        raise ValueError(f"span [{start}, {stop}) is not a non-empty range of the model's {count} blocks")
+    if not isinstance(block, nn.Module):
+        raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+    if type(block) is not type(layers[start]):
+        raise TypeError(f"block is a {type(block).__name__}, the model's blocks are {type(layers[start]).__name__}")
+
+    removed = range(start + 1, stop)
+    config = model.config
+    updates = {arch.num_layers_field: count - len(removed)}
+    for field in arch.per_layer_fields:
+        values = getattr(config, field, None)
+        if isinstance(values, (list, tuple)):
+            if len(values) != count:
+                raise ValueError(f"config.{field} has {len(values)} entries for {count} blocks")
+            updates[field] = type(values)(v for i, v in enumerate(values) if i not in removed)
+    for field in arch.layer_count_fields:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            updates[field] = value - sum(1 for i in removed if i < value)
+    for field, value in updates.items():
+        setattr(config, field, value)
+
+    layers[start] = block
+    for index in reversed(removed):
+        del layers[index]
+    renumber_layers(model, arch)
+    return model

@@ -1,0 +1,80 @@
+"""``BlockPair``: two adjacent decoder blocks of one model, and what can be done with them."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from flatten.architectures import architecture_for
+from flatten.merge import flatten_blocks, prune_block, replace_span
+
+
+def _position(layers: nn.ModuleList, block, what: str) -> int:
+    if isinstance(block, bool) or not isinstance(block, (int, nn.Module)):
+        raise TypeError(f"{what} block must be a layer index or a layer module, got {type(block).__name__}")
+    if isinstance(block, int):
+        if not 0 <= block < len(layers):
+            raise ValueError(f"{what} block index {block} is out of range for a model with {len(layers)} blocks")
+        return block
+    for position, layer in enumerate(layers):
+        if layer is block:
+            return position
+    raise ValueError(f"{what} block is not a layer of this model")
+
+
+class BlockPair:
+    """Blocks ``index`` and ``index + 1`` of ``model``.
+
+    Either may be the result of an earlier flatten-and-prune. ``flatten`` and ``prune`` build new blocks
+    and leave the model alone; ``replace`` puts a block in place of the pair (the pair is then used up).
+
+        pair = BlockPair(model, 20)                 # or BlockPair(model, block_a, block_b)
+        wide = pair.flatten()                       # 2H heads, 2K KV heads, 2F channels
+        small = pair.prune(wide, keep_groups, keep_channels)
+        pair.replace(small)                         # model now has one block fewer
+    """
+
+    def __init__(self, model: nn.Module, first, second=None):
+        self.model = model
+        self.arch = architecture_for(model)
+        layers = self.arch.layers_of(model)
+        self.index = _position(layers, first, "first")
+        other = self.index + 1 if second is None else _position(layers, second, "second")
+        if other != self.index + 1:
+            raise ValueError(f"blocks {self.index} and {other} are not adjacent (the second must directly follow the first)")
+        if other >= len(layers):
+            raise ValueError(f"block {self.index} is the last of {len(layers)} blocks and has no successor to pair with")
+        self._used = False
+
+    def _layers(self) -> nn.ModuleList:
+        if self._used:
+            raise RuntimeError("this BlockPair was already replaced in its model; make a new one")
+        return self.arch.layers_of(self.model)
+
+    @property
+    def first(self) -> nn.Module:
+        return self._layers()[self.index]
+
+    @property
+    def second(self) -> nn.Module:
+        return self._layers()[self.index + 1]
+
+    def flatten(self) -> nn.Module:
+        """The wide block of METHOD.md section 2 (a new module; the model is not changed)."""
+        return flatten_blocks(self.first, self.second, self.arch, self.model.config, self.index)
+
+    def prune(self, wide: nn.Module, keep_groups, keep_channels, o_proj: Tensor | None = None,
+              down_proj: Tensor | None = None) -> nn.Module:
+        """``wide`` shrunk to the model's own width (see ``flatten.merge.prune_block``)."""
+        self._layers()
+        return prune_block(wide, self.arch, self.model.config, self.index, keep_groups, keep_channels,
+                           o_proj=o_proj, down_proj=down_proj)
+
+    def replace(self, block: nn.Module) -> nn.Module:
+        """Put ``block`` in place of the pair in the model (in place); return the model."""
+        self._layers()
+        replace_span(self.model, self.index, self.index + 2, block, self.arch)
+        self._used = True
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"BlockPair(blocks {self.index} and {self.index + 1} of {type(self.model).__name__})"

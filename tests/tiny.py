@@ -1,0 +1,110 @@
+"""Tiny random models of every registered architecture, and helpers to run one block on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from flatten import ARCHITECTURES, architecture_for
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    model_type: str
+    hidden_multiple: int  # hidden size in query heads (the configs require it to divide evenly)
+    num_kv_heads: int
+    group_size: int
+    head_dim: int
+    intermediate_size: int
+    num_layers: int = 4
+    bias: bool = False
+    dtype: torch.dtype = torch.float64
+    attn_implementation: str = "eager"
+    seed: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_kv_heads * self.group_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.hidden_multiple
+
+
+def tiny_specs(model_types=None, dtypes=(torch.float32, torch.float64), num_layers=st.integers(2, 5)):
+    return st.builds(
+        TinySpec,
+        model_type=st.sampled_from(model_types or ARCHITECTURES.names()),
+        hidden_multiple=st.integers(1, 4),
+        num_kv_heads=st.integers(1, 3),
+        group_size=st.integers(1, 4),
+        head_dim=st.sampled_from([2, 4, 8]),
+        intermediate_size=st.integers(4, 40),
+        num_layers=num_layers,
+        bias=st.booleans(),
+        dtype=st.sampled_from(dtypes),
+        attn_implementation=st.sampled_from(["eager", "sdpa"]),
+        seed=st.integers(0, 2**16),
+    )
+
+
+def tiny_model(spec: TinySpec, **config_overrides):
+    """A randomly initialised ``*ForCausalLM`` whose weights, biases and norm weights are all O(1)."""
+    arch = ARCHITECTURES.get(spec.model_type)
+    fields = {
+        arch.num_heads_field: spec.num_heads,
+        arch.num_kv_heads_field: spec.num_kv_heads,
+        arch.head_dim_field: spec.head_dim,
+        arch.intermediate_size_field: spec.intermediate_size,
+        arch.num_layers_field: spec.num_layers,
+    }
+    config = AutoConfig.for_model(
+        spec.model_type, vocab_size=61, hidden_size=spec.hidden_size, max_position_embeddings=128,
+        attention_bias=spec.bias, mlp_bias=spec.bias, tie_word_embeddings=False, **fields, **config_overrides,
+    )
+    config._attn_implementation = spec.attn_implementation
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config).to(spec.dtype).eval()
+    generator = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.empty_like(p).uniform_(-1.5, 1.5, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / p.shape[-1] ** 0.5)
+    assert architecture_for(model) is arch
+    return model
+
+
+class BlockRunner:
+    """Runs blocks and their sub-layers of ``model`` on a hidden-state tensor, with RoPE and a causal mask."""
+
+    def __init__(self, model, x: torch.Tensor):
+        batch, length, _ = x.shape
+        positions = torch.arange(length).expand(batch, length)
+        self.position_embeddings = model.model.rotary_emb(x, positions)
+        mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)
+        self.mask = mask.expand(batch, 1, length, length)
+        self.positions = positions
+
+    def block(self, block, x):
+        return block(x, attention_mask=self.mask, position_ids=self.positions,
+                     position_embeddings=self.position_embeddings)
+
+    def attention(self, block, z):
+        return block.self_attn(hidden_states=z, attention_mask=self.mask,
+                               position_embeddings=self.position_embeddings)[0]
+
+
+def random_hidden(spec: TinySpec, batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, spec.hidden_size, generator=generator, dtype=torch.float64).to(spec.dtype)
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
