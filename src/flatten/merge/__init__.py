@@ -1,6 +1,6 @@
 """The flatten-and-prune kernel and the model surgery around it."""
 
-from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, head_rows, kv_rows, prune_block
+from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, head_rows, kv_rows, prune_block, select_block
 from flatten.merge.surgery import renumber_layers, replace_span
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "prune_block",
     "renumber_layers",
     "replace_span",
+    "select_block",
 ]

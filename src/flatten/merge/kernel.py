@@ -105,7 +105,7 @@ def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, conf
     return build_block(first, arch, config, wide_shape, layer_idx, wide)
 
 
-def _selection(indices, name: str, count: int, available: int) -> Tensor:
+def _selection(indices, name: str, count: int | None, available: int) -> Tensor:
     """Validated, sorted, unique indices as a long tensor."""
     if isinstance(indices, (str, bytes)) or not isinstance(indices, (Sequence, Tensor)) and not hasattr(indices, "__array__"):
         raise TypeError(f"{name} must be a sequence of integers, got {type(indices).__name__}")
@@ -116,8 +116,10 @@ def _selection(indices, name: str, count: int, available: int) -> Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     t = t.reshape(-1).long().cpu()
-    if t.numel() != count:
+    if count is not None and t.numel() != count:
         raise ValueError(f"{name} must select exactly {count} of {available}, got {t.numel()}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} selects nothing")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= available):
         raise ValueError(f"{name} must lie in [0, {available}), got values from {int(t.min())} to {int(t.max())}")
     t = torch.sort(t).values
@@ -148,19 +150,15 @@ def kv_rows(groups: Tensor, head_dim: int) -> Tensor:
     return (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def prune_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
-                o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
-    """Shrink ``block`` to the config's width: keep ``keep_groups`` (KV head + its query heads) and
-    ``keep_channels`` (MLP channels); optionally replace ``o_proj``/``down_proj`` weights (compensation).
-
-    Selections are sorted ascending; replacement weights are laid out in that order. The result is a
-    block of exactly the shape ``config`` declares, so the model stays a stock checkpoint.
+def select_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
+                 o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
+    """A block holding only ``keep_groups`` (a KV head and its query heads each) and ``keep_channels``
+    (MLP channels) of ``block``, of any width; ``o_proj``/``down_proj`` optionally replace the writers'
+    weights (compensation). Selections are sorted ascending; replacement weights are laid out in that order.
     """
-    have, want = arch.block_shape(block, config), arch.shape_of(config)
-    if have.group_size != want.group_size or have.head_dim != want.head_dim:
-        raise ValueError(f"block {have} cannot be pruned to {want}: GQA group size and head_dim must match")
-    groups = _selection(keep_groups, "keep_groups", want.num_kv_heads, have.num_kv_heads)
-    channels = _selection(keep_channels, "keep_channels", want.intermediate_size, have.intermediate_size)
+    have = arch.block_shape(block, config)
+    groups = _selection(keep_groups, "keep_groups", None, have.num_kv_heads)
+    channels = _selection(keep_channels, "keep_channels", None, have.intermediate_size)
     q_rows = head_rows(groups, have.group_size, have.head_dim)
     k_rows = kv_rows(groups, have.head_dim)
 
@@ -185,4 +183,17 @@ def prune_block(block: nn.Module, arch: Architecture, config, layer_idx: int, ke
     if down_proj is not None:
         key = f"{arch.down_proj}.weight"
         state[key] = _replacement(down_proj, "down_proj", state[key])
-    return build_block(block, arch, config, want, layer_idx, state)
+    shape = BlockShape(len(groups) * have.group_size, len(groups), have.head_dim, len(channels))
+    return build_block(block, arch, config, shape, layer_idx, state)
+
+
+def prune_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
+                o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
+    """Shrink ``block`` to exactly the width ``config`` declares (see ``select_block``), so the model stays
+    a stock checkpoint: ``keep_groups`` must name as many KV groups, ``keep_channels`` as many channels."""
+    have, want = arch.block_shape(block, config), arch.shape_of(config)
+    if have.group_size != want.group_size or have.head_dim != want.head_dim:
+        raise ValueError(f"block {have} cannot be pruned to {want}: GQA group size and head_dim must match")
+    _selection(keep_groups, "keep_groups", want.num_kv_heads, have.num_kv_heads)
+    _selection(keep_channels, "keep_channels", want.intermediate_size, have.intermediate_size)
+    return select_block(block, arch, config, layer_idx, keep_groups, keep_channels, o_proj, down_proj)

@@ -1,0 +1,177 @@
+"""Sequential calibration (METHOD.md section 5): block inputs on the calibration set, block by block.
+
+The model's own forward computes what its decoder layers receive besides the hidden states (attention mask,
+RoPE, positions); ``capture`` records that once per layer by standing in for every layer, so that a block
+can then be run on its own, on any device, without the rest of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flatten.architectures import Architecture, BlockShape
+from flatten.criteria.scorers import AttentionStats, MlpStats
+
+
+class _Stop(Exception):
+    """Raised inside a hook once everything needed from a forward pass is recorded."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self, records: list, keep_hidden: bool):
+        super().__init__()
+        self.records, self.keep_hidden = records, keep_hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.records.append((hidden_states.detach() if self.keep_hidden else None, args, kwargs))
+        return hidden_states
+
+
+@dataclass
+class LayerInputs:
+    """What the model passes to each decoder layer, per calibration batch."""
+
+    hidden: list[Tensor]  # inputs of the first block, one tensor per batch
+    calls: list[list[tuple[tuple, dict]]]  # [layer][batch]: the other positional and keyword arguments
+
+
+@torch.no_grad()
+def capture(model: nn.Module, arch: Architecture, batches: list[Tensor]) -> LayerInputs:
+    """The first block's inputs and every layer's other arguments, for each batch of token ids."""
+    layers = arch.layers_of(model)
+    base = model.get_submodule(arch.layers.rsplit(".", 1)[0]) if "." in arch.layers else model
+    originals = list(layers)
+    records = [[] for _ in originals]
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Catcher(records[i], keep_hidden=i == 0)
+        device = _device_of(base)
+        for ids in batches:
+            base(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return LayerInputs([h for h, _, _ in records[0]], [[(a, k) for _, a, k in r] for r in records])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _output(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list[Tensor], calls: list[tuple[tuple, dict]], name: str = "block") -> list[Tensor]:
+    """``block`` applied to every batch; raises if an output is not finite."""
+    outputs = []
+    for x, (args, kwargs) in zip(hidden, calls):
+        y = _output(block(x, *args, **kwargs))
+        if not torch.isfinite(y).all():
+            raise FloatingPointError(f"{name} produced non-finite activations on the calibration data")
+        outputs.append(y)
+    return outputs
+
+
+def _tokens(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+@torch.no_grad()
+def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor],
+                    calls: list) -> AttentionStats:
+    """Head outputs of ``wide`` (inputs of its ``o_proj``): their Gram matrix and each head's mean
+    contribution norm ``|| o_h W_o,h^T ||``. Stops each forward at ``o_proj``."""
+    o_weight = wide.get_submodule(arch.o_proj).weight.detach()
+    w = o_weight.float().view(o_weight.shape[0], shape.num_heads, shape.head_dim)
+    head_gram = torch.einsum("dhi,dhj->hij", w, w)
+    width = shape.num_heads * shape.head_dim
+    gram = torch.zeros(width, width, dtype=torch.float64, device=o_weight.device)
+    contribution = torch.zeros(shape.num_heads, dtype=torch.float64, device=o_weight.device)
+    tokens = 0
+
+    def hook(module, args):
+        nonlocal gram, contribution, tokens
+        o = _tokens(args[0]).float()
+        gram += (o.T @ o).double()
+        per_head = o.view(-1, shape.num_heads, shape.head_dim)
+        contribution += torch.einsum("nhi,hij,nhj->nh", per_head, head_gram, per_head).clamp_min(0).sqrt().sum(0).double()
+        tokens += o.shape[0]
+        raise _Stop
+
+    _run_until_stopped(wide, arch.o_proj, hook, hidden, calls)
+    weights = {key: wide.get_submodule(path).weight.detach()
+               for key, path in (("q", arch.q_proj), ("k", arch.k_proj), ("v", arch.v_proj), ("o", arch.o_proj))}
+    return AttentionStats(shape, weights, gram, contribution / tokens, tokens)
+
+
+@torch.no_grad()
+def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor], calls: list,
+              targets: list[Tensor] | None) -> MlpStats:
+    """Channel activations ``psi`` of ``half`` (attention already pruned, MLP still wide): their Gram
+    matrix and, with ``targets``, ``psi^T (target - u')`` where ``u'`` is the MLP sub-layer's input.
+    Stops each forward at ``down_proj``."""
+    down = half.get_submodule(arch.down_proj).weight.detach()
+    gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
+    cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
+    tokens = 0
+    residual: list[Tensor] = []
+
+    def norm_hook(module, args):
+        residual.append(args[0])
+
+    def down_hook(module, args):
+        nonlocal gram, cross, tokens
+        psi = _tokens(args[0]).float()
+        gram += (psi.T @ psi).double()
+        if cross is not None:
+            target = _tokens(targets[len(residual) - 1].to(psi.device)).float()
+            cross += (psi.T @ (target - _tokens(residual[-1]).float())).double()
+        tokens += psi.shape[0]
+        raise _Stop
+
+    handle = half.get_submodule(arch.mlp_norm).register_forward_pre_hook(norm_hook)
+    try:
+        _run_until_stopped(half, arch.down_proj, down_hook, hidden, calls)
+    finally:
+        handle.remove()
+    weights = {key: half.get_submodule(path).weight.detach()
+               for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
+    return MlpStats(shape, weights, gram, cross, tokens)
+
+
+def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], calls: list) -> None:
+    handle = block.get_submodule(path).register_forward_pre_hook(hook)
+    try:
+        for x, (args, kwargs) in zip(hidden, calls):
+            try:
+                block(x, *args, **kwargs)
+            except _Stop:
+                continue
+            raise RuntimeError(f"the forward pass of {type(block).__name__} never reached {path!r}")
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_layer: list[list], measure) -> Tensor:
+    """``S[i, j]``: the mean over tokens of ``measure(cos(X_i, X_j))`` for the inputs ``X`` of the layers,
+    computed batch by batch (L x L per token, never tokens x tokens)."""
+    count = len(layers)
+    total = torch.zeros(count, count, dtype=torch.float64)
+    tokens = 0
+    for b, x in enumerate(hidden):
+        units = []
+        for i, layer in enumerate(layers):
+            units.append(torch.nn.functional.normalize(_tokens(x).float(), dim=-1))
+            args, kwargs = calls_per_layer[i][b]
+            x = _output(layer(x, *args, **kwargs))
+        stacked = torch.stack(units)  # L x n x d
+        cos = torch.einsum("ind,jnd->ijn", stacked, stacked)
+        total += measure(cos).sum(-1).double().cpu()
+        tokens += stacked.shape[1]
+    return total / tokens

@@ -1,0 +1,97 @@
+"""Pair-selection policies and the similarity measures they read (METHOD.md section 4).
+
+A policy looks at a similarity matrix of block inputs and at the current groups (spans of positions in that
+matrix) and names the next adjacent pair of groups to flatten.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flatten.registry import Registry
+
+Span = tuple[int, int]  # first and last block of a group, inclusive
+
+SIMILARITIES: Registry[Callable[[Tensor], Tensor]] = Registry("similarity measure")
+SIMILARITIES.register("cosine", lambda cos: cos)
+# ShortGPT-style angular distance, turned into a similarity: 1 - arccos(cos) / pi
+SIMILARITIES.register("angular", lambda cos: 1 - torch.arccos(cos.clamp(-1, 1)) / math.pi)
+
+
+class PairPolicy:
+    """Chooses which adjacent groups to flatten next. ``recompute``: the Flattener recomputes the
+    similarity matrix on the compressed model before every merge (positions are then current blocks)."""
+
+    recompute: bool = False
+
+    def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
+        """Index ``g``: flatten group ``g`` with group ``g + 1``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GreedySimilarity(PairPolicy):
+    """The paper's greedy merge: the adjacent groups whose merged span ``a..c`` has the most similar
+    first and last block inputs, ``S[a, c]``. Ties go to the lower blocks."""
+
+    def __init__(self, recompute: bool = False):
+        self.recompute = recompute
+
+    def __repr__(self) -> str:
+        return f"GreedySimilarity(recompute={self.recompute})"
+
+    def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
+        if len(groups) < 2:
+            raise ValueError("one group left: nothing to merge")
+        scores = [float(similarity[groups[g][0], groups[g + 1][1]]) for g in range(len(groups) - 1)]
+        return max(range(len(scores)), key=lambda g: (scores[g], -g))
+
+
+class FixedSpans(PairPolicy):
+    """Flatten exactly the given spans of original blocks, e.g. ``[(20, 22), (25, 26)]`` (inclusive)."""
+
+    def __init__(self, spans):
+        try:
+            spans = sorted((int(a), int(c)) for a, c in spans)
+        except (TypeError, ValueError):
+            raise TypeError(f"spans must be pairs of block indices (first, last), got {spans!r}") from None
+        for (a, c), nxt in zip(spans, spans[1:] + [None]):
+            if not 0 <= a < c:
+                raise ValueError(f"span {(a, c)} must have 0 <= first < last")
+            if nxt is not None and nxt[0] <= c:
+                raise ValueError(f"spans {(a, c)} and {nxt} overlap")
+        self.spans = spans
+
+    def __repr__(self) -> str:
+        return f"FixedSpans({self.spans})"
+
+    @property
+    def removes(self) -> int:
+        return sum(c - a for a, c in self.spans)
+
+    def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
+        for g in range(len(groups) - 1):
+            a, c = groups[g][0], groups[g + 1][1]
+            if any(s <= a and c <= e for s, e in self.spans):
+                return g
+        raise ValueError(f"the fixed spans {self.spans} are all merged already (or lie beyond the model's blocks)")
+
+
+POLICIES: Registry[Callable[..., PairPolicy]] = Registry("pair-selection policy")
+POLICIES.register("greedy", lambda **options: GreedySimilarity(recompute=False, **options))
+POLICIES.register("greedy-recompute", lambda **options: GreedySimilarity(recompute=True, **options))
+POLICIES.register("fixed", FixedSpans)
+
+
+def get_policy(policy: str | PairPolicy, **options) -> PairPolicy:
+    if isinstance(policy, PairPolicy):
+        if options:
+            raise ValueError("options are only accepted with a policy name")
+        return policy
+    return POLICIES.get(policy)(**options)

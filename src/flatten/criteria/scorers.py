@@ -1,0 +1,258 @@
+"""Channel scorers: calibration statistics of one wide block -> which KV groups and MLP channels to keep.
+
+A scorer sees the wide block in two steps (METHOD.md section 3): first the attention (``AttentionStats``),
+then the MLP, whose statistics are gathered with the attention already pruned (``MlpStats``). For each it
+returns a ``Choice``: the kept indices and, if it compensates, a replacement ``o_proj``/``down_proj`` weight.
+A new metric only overrides ``score_groups`` and/or ``score_channels`` (higher = keep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flatten.architectures import BlockShape
+from flatten.merge.kernel import head_rows
+from flatten.registry import Registry
+
+
+@dataclass
+class AttentionStats:
+    """Attention of a wide block on the calibration tokens. ``o`` stands for the head outputs before
+    ``o_proj`` (tokens x heads*head_dim)."""
+
+    shape: BlockShape
+    weights: dict[str, Tensor]  # "q", "k", "v", "o" weights of the wide block (out x in)
+    gram: Tensor  # sum over tokens of o^T o, float64, (heads*head_dim)^2
+    contribution: Tensor  # per query head: mean over tokens of || o_h W_o,h^T ||, float64
+    tokens: int
+
+    def group_rows(self, group: int) -> Tensor:
+        """Columns of ``o_proj`` (rows of ``gram``) that belong to KV group ``group``."""
+        return head_rows(torch.tensor([group]), self.shape.group_size, self.shape.head_dim)
+
+
+@dataclass
+class MlpStats:
+    """MLP of a wide block on the calibration tokens, after the attention was pruned.
+    ``psi = act(gate z) * (up z)`` are the channel activations (tokens x channels)."""
+
+    shape: BlockShape
+    weights: dict[str, Tensor]  # "gate", "up", "down" weights of the wide block
+    gram: Tensor  # sum over tokens of psi^T psi, float64, channels^2
+    target_cross: Tensor | None  # sum over tokens of psi^T (y_true - u'), float64, channels x hidden; see needs_target
+    tokens: int
+
+    def own_cross(self) -> Tensor:
+        """``psi^T (psi W_down^T)``: the cross term that fits the wide MLP's own output."""
+        return self.gram @ self.weights["down"].double().T
+
+
+@dataclass
+class Choice:
+    keep: Tensor  # sorted indices
+    weight: Tensor | None = None  # replacement o_proj / down_proj weight for the kept indices, or None
+
+
+def top(scores: Tensor, keep: int) -> Tensor:
+    """Indices of the ``keep`` highest scores, sorted ascending (ties: lower index first)."""
+    if scores.dim() != 1 or keep > scores.numel():
+        raise ValueError(f"cannot keep {keep} of scores shaped {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores hold non-finite values")
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge: float) -> Tensor:
+    """Ridge least squares for the kept inputs of a writer: ``W'^T = (G_SS + lam I)^-1 (X_S + lam W_S^T)``.
+
+    ``gram`` is ``A^T A`` of the inputs, ``cross`` is ``A^T Y`` for the wanted output ``Y``, ``weight`` the
+    current writer weight (out x in); ``lam = ridge * mean eigenvalue of gram``. Returns out x |keep|.
+    """
+    lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    g = gram[keep][:, keep]
+    rhs = cross[keep] + lam * weight.double()[:, keep].T
+    solved = torch.linalg.solve(g + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device), rhs)
+    return solved.T.to(weight.dtype)
+
+
+def ridge_leverage(gram: Tensor, ridge: float) -> Tensor:
+    """``diag(C (C + lam I)^-1) = 1 - lam diag((C + lam I)^-1)``, ``lam = ridge * mean eigenvalue``."""
+    lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor = torch.linalg.cholesky(gram + lam * eye)
+    return 1 - lam * torch.cholesky_inverse(factor).diagonal()
+
+
+class ChannelScorer:
+    """Keeps the top-scoring KV groups and MLP channels; no compensation.
+
+    Subclass and override ``score_groups`` (from ``AttentionStats``, one score per KV group) and/or
+    ``score_channels`` (from ``MlpStats``, one per channel); override ``select_*`` to also return
+    compensated weights. Set ``needs_target = True`` to receive ``MlpStats.target_cross``.
+    """
+
+    needs_target: bool = False
+
+    def score_groups(self, stats: AttentionStats) -> Tensor:
+        per_head = stats.contribution
+        return per_head.view(stats.shape.num_kv_heads, stats.shape.group_size).sum(1)
+
+    def score_channels(self, stats: MlpStats) -> Tensor:
+        return stats.gram.diagonal()
+
+    def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
+        return Choice(top(self.score_groups(stats), keep))
+
+    def select_channels(self, stats: MlpStats, keep: int) -> Choice:
+        return Choice(top(self.score_channels(stats), keep))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class FlattenGPTScorer(ChannelScorer):
+    """The paper's recipe and the registered extensions of it.
+
+    - ``heads``: ``"contribution"`` (paper: KV groups by the summed mean contribution norm of their heads) or
+      ``"reconstruction"`` (greedily drop the group whose removal least changes the attention output).
+    - ``refit_o``: refit the kept heads' ``o_proj`` by ridge least squares to the wide attention's output.
+    - ``target``: what the ``down_proj`` refit fits: ``"wide"`` (paper: the wide MLP's own output) or
+      ``"sequential"`` (what the original blocks computed one after the other, minus the pruned ``u'``).
+    - ``ridge``: lambda for leverage and ``down_proj`` refit, in units of the mean eigenvalue (paper: 10).
+    - ``o_ridge``: the same for the ``o_proj`` refit.
+    """
+
+    def __init__(self, heads: str = "contribution", refit_o: bool = False, target: str = "wide",
+                 ridge: float = 10.0, o_ridge: float = 0.01):
+        if heads not in ("contribution", "reconstruction"):
+            raise ValueError(f"heads must be 'contribution' or 'reconstruction', got {heads!r}")
+        if target not in ("wide", "sequential"):
+            raise ValueError(f"target must be 'wide' or 'sequential', got {target!r}")
+        for name, value in (("ridge", ridge), ("o_ridge", o_ridge)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self.heads, self.refit_o, self.target, self.ridge, self.o_ridge = heads, refit_o, target, float(ridge), float(o_ridge)
+        self.needs_target = target == "sequential"
+
+    def _refit_o(self, stats: AttentionStats, keep: Tensor) -> Tensor:
+        rows = torch.cat([stats.group_rows(int(g)) for g in keep])
+        cross = stats.gram @ stats.weights["o"].double().T
+        return ridge_refit(stats.gram, cross, rows, stats.weights["o"], self.o_ridge)
+
+    def _reconstruction_error(self, stats: AttentionStats, keep: list[int]) -> float:
+        """Squared error of the attention output (summed over tokens) when only ``keep`` groups remain."""
+        w = stats.weights["o"].double()
+        rows = torch.cat([stats.group_rows(g) for g in keep])
+        if not self.refit_o:
+            dropped = torch.tensor(sorted(set(range(w.shape[1])) - set(rows.tolist())), dtype=torch.long)
+            return float(torch.einsum("oi,ij,oj->", w[:, dropped], stats.gram[dropped][:, dropped], w[:, dropped]))
+        total = float(torch.einsum("oi,ij,oj->", w, stats.gram, w))
+        cross = (stats.gram @ w.T)[rows]
+        lam = self.o_ridge * stats.gram.diagonal().mean()
+        g = stats.gram[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64)
+        return total - float((cross * torch.linalg.solve(g, cross)).sum())
+
+    def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
+        if self.heads == "contribution":
+            kept = top(self.score_groups(stats), keep)
+        else:
+            kept_list = list(range(stats.shape.num_kv_heads))
+            while len(kept_list) > keep:
+                errors = [self._reconstruction_error(stats, [g for g in kept_list if g != drop]) for drop in kept_list]
+                kept_list.pop(min(range(len(errors)), key=errors.__getitem__))
+            kept = torch.tensor(kept_list, dtype=torch.long)
+        return Choice(kept, self._refit_o(stats, kept) if self.refit_o else None)
+
+    def score_channels(self, stats: MlpStats) -> Tensor:
+        return ridge_leverage(stats.gram, self.ridge)
+
+    def select_channels(self, stats: MlpStats, keep: int) -> Choice:
+        kept = top(self.score_channels(stats), keep)
+        cross = stats.target_cross if self.target == "sequential" else stats.own_cross()
+        return Choice(kept, ridge_refit(stats.gram, cross, kept, stats.weights["down"], self.ridge))
+
+
+class MagnitudeScorer(ChannelScorer):
+    """Data-free: groups by ``||W_v,g|| * ||W_o,g||``, channels by ``||W_up,i|| * ||W_down,:i||``."""
+
+    def score_groups(self, stats: AttentionStats) -> Tensor:
+        hd = stats.shape.head_dim
+        v = stats.weights["v"].double().view(stats.shape.num_kv_heads, hd, -1).flatten(1).norm(dim=1)
+        o = torch.stack([stats.weights["o"].double()[:, stats.group_rows(g)].norm()
+                         for g in range(stats.shape.num_kv_heads)])
+        return v * o
+
+    def score_channels(self, stats: MlpStats) -> Tensor:
+        return stats.weights["up"].double().norm(dim=1) * stats.weights["down"].double().norm(dim=0)
+
+
+class ActivationScorer(ChannelScorer):
+    """Groups by the RMS of their heads' outputs, channels by the RMS of their activation ``psi``."""
+
+    def score_groups(self, stats: AttentionStats) -> Tensor:
+        per_row = stats.gram.diagonal()
+        return torch.stack([per_row[stats.group_rows(g)].sum() for g in range(stats.shape.num_kv_heads)]).sqrt()
+
+    def score_channels(self, stats: MlpStats) -> Tensor:
+        return stats.gram.diagonal().sqrt()
+
+
+class RandomScorer(ChannelScorer):
+    """Uniformly random groups and channels, reproducible from ``seed``."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __repr__(self) -> str:
+        return f"RandomScorer(seed={self.seed})"
+
+    def score_groups(self, stats: AttentionStats) -> Tensor:
+        return torch.rand(stats.shape.num_kv_heads, generator=self._generator, dtype=torch.float64)
+
+    def score_channels(self, stats: MlpStats) -> Tensor:
+        return torch.rand(stats.shape.intermediate_size, generator=self._generator, dtype=torch.float64)
+
+
+SCORERS: Registry[Callable[..., ChannelScorer]] = Registry("scorer")
+
+
+def register_scorer(name: str, factory: Callable[..., ChannelScorer] | None = None, *, replace: bool = False):
+    """Register a scorer class or factory under ``name``; usable as a class decorator."""
+    if factory is None:
+        return lambda f: register_scorer(name, f, replace=replace)
+    if not callable(factory):
+        raise TypeError(f"a scorer factory must be callable, got {type(factory).__name__}")
+    SCORERS.register(name, factory, replace=replace)
+    return factory
+
+
+def get_scorer(scorer: str | ChannelScorer, **options) -> ChannelScorer:
+    """A scorer instance from a registered name (with options) or an instance (returned as is)."""
+    if isinstance(scorer, ChannelScorer):
+        if options:
+            raise ValueError("options are only accepted with a scorer name")
+        return scorer
+    instance = SCORERS.get(scorer)(**options)
+    if not isinstance(instance, ChannelScorer):
+        raise TypeError(f"scorer {scorer!r} made a {type(instance).__name__}, not a ChannelScorer")
+    return instance
+
+
+def _variant(**fixed):
+    return lambda **options: FlattenGPTScorer(**{**fixed, **options})
+
+
+register_scorer("flattengpt", _variant())
+register_scorer("flattengpt+o", _variant(refit_o=True))
+register_scorer("flattengpt+o+seq", _variant(refit_o=True, target="sequential"))
+register_scorer("reconstruction", _variant(heads="reconstruction", refit_o=True, target="sequential"))
+register_scorer("magnitude", MagnitudeScorer)
+register_scorer("activation", ActivationScorer)
+register_scorer("random", RandomScorer)

@@ -1,0 +1,125 @@
+"""A compression plan: every flattening decision, as data that saves, loads and re-applies."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flatten.architectures import architecture_for
+from flatten.pair import BlockPair
+
+FORMAT = "flatten-plan/1"
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a plan needs to match in a model: family and block shape and count."""
+    arch = architecture_for(model)
+    shape = arch.shape_of(model.config)
+    return {"model_type": model.config.model_type, "num_layers": len(arch.layers_of(model)),
+            "hidden_size": model.config.hidden_size, **asdict(shape)}
+
+
+@dataclass
+class Merge:
+    """One flattening: blocks ``position`` and ``position + 1`` of the model at that moment (covering
+    original blocks ``span``, inclusive) became one block keeping these groups and channels."""
+
+    position: int
+    span: tuple[int, int]
+    similarity: float | None
+    keep_groups: list[int]
+    keep_channels: list[int]
+    o_proj: Tensor | None = None
+    down_proj: Tensor | None = None
+
+    def apply(self, model: nn.Module) -> None:
+        pair = BlockPair(model, self.position)
+        pair.replace(pair.prune(pair.flatten(), self.keep_groups, self.keep_channels, self.o_proj, self.down_proj))
+
+
+@dataclass
+class Plan:
+    model: dict  # model_signature of the model the plan was made for (before compression)
+    method: dict = field(default_factory=dict)  # scorer, policy, similarity, calibration: how it was made
+    similarity: list[list[float]] | None = None  # block-input similarity matrix of the original model
+    merges: list[Merge] = field(default_factory=list)
+
+    @property
+    def removed(self) -> int:
+        return len(self.merges)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """Final spans of original blocks that were flattened together (each merge extends or adds one)."""
+        spans: list[tuple[int, int]] = []
+        for merge in self.merges:
+            spans = [s for s in spans if not (merge.span[0] <= s[0] and s[1] <= merge.span[1])] + [tuple(merge.span)]
+        return sorted(spans)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Replay the plan on a fresh copy of the model it was made for (in place); return the model."""
+        have = model_signature(model)
+        if have != self.model:
+            diff = {k: (self.model.get(k), have.get(k)) for k in set(have) | set(self.model) if have.get(k) != self.model.get(k)}
+            raise ValueError(f"this plan was made for another model; (plan, model) differ in: {diff}")
+        for merge in self.merges:
+            merge.apply(model)
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON at ``path``, and compensation weights (if any) beside it as
+        ``<path>.safetensors``; each file is written whole or not at all."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"merges.{i}.{name}": getattr(m, name).detach().cpu().contiguous()
+                   for i, m in enumerate(self.merges) for name in ("o_proj", "down_proj") if getattr(m, name) is not None}
+        weights = path.with_name(path.name + ".safetensors")
+        document = {
+            "format": FORMAT, "model": self.model, "method": self.method, "similarity": self.similarity,
+            "weights": weights.name if tensors else None,
+            "merges": [{"position": m.position, "span": list(m.span), "similarity": m.similarity,
+                        "keep_groups": list(m.keep_groups), "keep_channels": list(m.keep_channels)} for m in self.merges],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tensors:
+            _atomic(weights, lambda tmp: save_file(tensors, tmp))
+        _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable plan: {error}") from None
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a plan of format {FORMAT!r}")
+        tensors = load_file(path.with_name(document["weights"])) if document.get("weights") else {}
+        try:
+            merges = [Merge(int(m["position"]), tuple(m["span"]), m["similarity"], list(m["keep_groups"]),
+                            list(m["keep_channels"]), tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"))
+                      for i, m in enumerate(document["merges"])]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} holds a malformed merge: {error!r}") from None
+        return cls(document["model"], document.get("method", {}), document.get("similarity"), merges)
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

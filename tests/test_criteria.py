@@ -1,0 +1,125 @@
+"""Scorer and policy contracts."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flatten import BlockPair, architecture_for
+from flatten.calibration import attention_stats, capture, mlp_stats
+from flatten.criteria import (
+    POLICIES,
+    SCORERS,
+    SIMILARITIES,
+    FixedSpans,
+    GreedySimilarity,
+    get_scorer,
+    ridge_leverage,
+    ridge_refit,
+    top,
+)
+from flatten.merge import select_block
+from tiny import tiny_model, tiny_specs
+
+
+def _wide_stats(spec, seed, with_target):
+    model = tiny_model(spec)
+    arch = architecture_for(model)
+    pair = BlockPair(model, 0)
+    wide = pair.flatten()
+    shape = arch.block_shape(wide, model.config)
+    ids = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(seed))
+    inputs = capture(model, arch, list(ids.split(2)))
+    attention = attention_stats(wide, arch, shape, inputs.hidden, inputs.calls[0])
+    half = select_block(wide, arch, model.config, 0, range(spec.num_kv_heads), range(shape.intermediate_size))
+    targets = [torch.randn_like(h) for h in inputs.hidden] if with_target else None
+    mlp = mlp_stats(half, arch, shape, inputs.hidden, inputs.calls[0], targets)
+    return model, attention, mlp
+
+
+@pytest.mark.parametrize("name", SCORERS.names())
+@settings(max_examples=8, deadline=None)
+@given(spec=tiny_specs(), seed=st.integers(0, 100))
+def test_every_scorer_returns_a_valid_selection(name, spec, seed):
+    scorer = get_scorer(name)
+    model, attention, mlp = _wide_stats(spec, seed, scorer.needs_target)
+    groups = scorer.select_groups(attention, spec.num_kv_heads)
+    channels = scorer.select_channels(mlp, spec.intermediate_size)
+    for choice, keep, available in ((groups, spec.num_kv_heads, 2 * spec.num_kv_heads),
+                                    (channels, spec.intermediate_size, 2 * spec.intermediate_size)):
+        kept = choice.keep.tolist()
+        assert kept == sorted(set(kept)) and len(kept) == keep and 0 <= kept[0] and kept[-1] < available
+    if groups.weight is not None:
+        assert groups.weight.shape == (spec.hidden_size, spec.num_heads * spec.head_dim)
+        assert torch.isfinite(groups.weight).all()
+    if channels.weight is not None:
+        assert channels.weight.shape == (spec.hidden_size, spec.intermediate_size)
+        assert torch.isfinite(channels.weight).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 12), extra=st.integers(0, 30), seed=st.integers(0, 1000), ridge=st.floats(1e-3, 100))
+def test_ridge_leverage_is_the_diagonal_of_the_hat_matrix(n, extra, seed, ridge):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + extra, n, generator=g, dtype=torch.float64)
+    c = a.T @ a
+    lam = ridge * torch.trace(c) / n
+    expected = torch.diagonal(c @ torch.linalg.inv(c + lam * torch.eye(n, dtype=torch.float64)))
+    got = ridge_leverage(c, ridge)
+    torch.testing.assert_close(got, expected)
+    assert bool((got >= 0).all() and (got <= 1).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 10), d=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_ridge_refit_solves_the_least_squares_problem(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    w = torch.randn(d, n, generator=g, dtype=torch.float64)
+    y = a @ w.T
+    keep = torch.arange(0, n, 2)
+    # a vanishing ridge gives the plain least-squares fit of the full output from the kept inputs
+    got = ridge_refit(a.T @ a, a.T @ y, keep, w, 1e-12)
+    expected = torch.linalg.lstsq(a[:, keep], y).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+    # keeping everything reproduces the weight exactly
+    torch.testing.assert_close(ridge_refit(a.T @ a, a.T @ y, torch.arange(n), w, 1e-12), w, rtol=1e-6, atol=1e-8)
+
+
+def test_top_keeps_the_highest_scores_in_ascending_order():
+    assert top(torch.tensor([0.1, 5.0, 3.0, 5.0]), 2).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="non-finite"):
+        top(torch.tensor([0.1, float("nan")]), 1)
+
+
+def test_greedy_merges_the_most_similar_span_ends():
+    s = torch.tensor([[1.0, 0.5, 0.4, 0.1],
+                      [0.5, 1.0, 0.9, 0.3],
+                      [0.4, 0.9, 1.0, 0.8],
+                      [0.1, 0.3, 0.8, 1.0]])
+    policy = GreedySimilarity()
+    groups = [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert policy.next_merge(s, groups) == 1  # S[1, 2] = 0.9
+    groups = [(0, 0), (1, 2), (3, 3)]
+    assert policy.next_merge(s, groups) == 0  # S[0, 2] = 0.4 vs S[1, 3] = 0.3
+
+
+def test_fixed_spans_are_validated():
+    assert FixedSpans([(4, 6), (1, 2)]).spans == [(1, 2), (4, 6)] and FixedSpans([(4, 6), (1, 2)]).removes == 3
+    with pytest.raises(ValueError, match="overlap"):
+        FixedSpans([(1, 3), (3, 4)])
+    with pytest.raises(ValueError, match="first < last"):
+        FixedSpans([(2, 2)])
+    with pytest.raises(TypeError, match="pairs of block indices"):
+        FixedSpans([1, 2])
+
+
+def test_registries_hold_the_documented_names():
+    assert {"flattengpt", "flattengpt+o", "flattengpt+o+seq", "reconstruction", "magnitude", "activation",
+            "random"} <= set(SCORERS.names())
+    assert set(POLICIES.names()) >= {"greedy", "greedy-recompute", "fixed"}
+    assert set(SIMILARITIES.names()) >= {"cosine", "angular"}
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; known: activation, flattengpt"):
+        get_scorer("nope")
+    with pytest.raises(ValueError, match="target must be 'wide' or 'sequential'"):
+        get_scorer("flattengpt", target="output")

@@ -1,0 +1,175 @@
+"""The Flattener end to end on tiny models: sequential calibration, plans, pluggable scorers."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flatten import BlockPair, ChannelScorer, Flattener, Plan, register_scorer
+from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer
+from tiny import TinySpec, tiny_model, tiny_specs
+
+SPEC = TinySpec("qwen2", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=12,
+                num_layers=6, dtype=torch.float32)
+
+
+def _calibration(samples=6, length=8, seed=0):
+    return torch.randint(0, 61, (samples, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=tiny_specs(dtypes=(torch.float32,), num_layers=st.integers(3, 6)), data=st.data())
+def test_compress_removes_k_blocks_and_the_plan_replays_to_the_same_weights(spec, data, tmp_path_factory):
+    model = tiny_model(spec)
+    original = copy.deepcopy(model)
+    k = data.draw(st.integers(1, spec.num_layers - 1), label="remove")
+    scorer = data.draw(st.sampled_from(SCORERS.names()), label="scorer")
+    policy = data.draw(st.sampled_from(["greedy", "greedy-recompute"]), label="policy")
+    compressed, plan = Flattener(model, _calibration(), scorer=scorer, policy=policy, progress=False).compress(remove=k)
+
+    assert compressed is model
+    assert len(model.model.layers) == model.config.num_hidden_layers == spec.num_layers - k
+    assert plan.removed == k and sum(c - a for a, c in plan.spans) == k
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    replayed = Plan.load(path).apply(copy.deepcopy(original))
+    assert _same_weights(replayed, model)
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration(1)).logits).all()
+
+
+def test_decisions_are_made_on_the_activations_of_the_compressed_model():
+    """The second merge's statistics must come from inputs that went through the first merged block."""
+    seen = []
+
+    class Spy(FlattenGPTScorer):
+        def select_groups(self, stats, keep):
+            seen.append(stats.gram.clone())
+            return super().select_groups(stats, keep)
+
+    model = tiny_model(SPEC)
+    original = copy.deepcopy(model)
+    calibration = _calibration()
+    flattener = Flattener(model, calibration, scorer=Spy(), policy=FixedSpans([(0, 1), (3, 4)]), progress=False)
+    _, plan = flattener.compress()
+    assert [m.span for m in plan.merges] == [(0, 1), (3, 4)]
+
+    # independently: replay the first merge, run the model's own forward, and read what reaches block 2
+    after_first = copy.deepcopy(original)
+    plan.merges[0].apply(after_first)
+    torch.testing.assert_close(seen[1], _o_gram(after_first, 2, calibration), rtol=1e-4, atol=1e-4)
+    # ... which is not what the uncompressed model would have given (original blocks 3 and 4)
+    assert not torch.allclose(seen[1], _o_gram(original, 3, calibration), rtol=1e-2, atol=1e-2)
+
+
+def _o_gram(model, index, calibration):
+    """Gram of the head outputs of blocks ``index`` and ``index + 1`` flattened, on the inputs that the
+    model's own forward pass delivers to block ``index``."""
+    wide = BlockPair(model, index).flatten()
+    block_inputs, o_inputs = [], []
+    pre = model.model.layers[index].register_forward_pre_hook(lambda m, a, k: block_inputs.append((a, k)),
+                                                              with_kwargs=True)
+    hook = wide.self_attn.o_proj.register_forward_pre_hook(lambda m, a: o_inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for ids in calibration.split(4):
+            model(ids, use_cache=False)
+        pre.remove()
+        for args, kwargs in block_inputs:
+            wide(*args, **kwargs)
+    hook.remove()
+    o = torch.cat(o_inputs).double()
+    return o.T @ o
+
+
+def test_a_scorer_subclass_defined_here_is_used_by_the_flattener():
+    calls = {"groups": 0, "channels": 0}
+
+    @register_scorer("test-last-channels")
+    class LastChannels(ChannelScorer):
+        """Keeps the highest-numbered channels and groups: the second block's."""
+
+        def score_groups(self, stats):
+            calls["groups"] += 1
+            return torch.arange(stats.shape.num_kv_heads, dtype=torch.float64)
+
+        def score_channels(self, stats):
+            calls["channels"] += 1
+            return torch.arange(stats.shape.intermediate_size, dtype=torch.float64)
+
+    try:
+        model = tiny_model(SPEC)
+        _, plan = Flattener(model, _calibration(), scorer="test-last-channels", progress=False).compress(remove=2)
+    finally:
+        SCORERS.unregister("test-last-channels")
+    assert calls == {"groups": 2, "channels": 2}
+    for merge in plan.merges:
+        assert merge.keep_groups == [2, 3] and merge.keep_channels == list(range(12, 24))
+        assert merge.o_proj is None and merge.down_proj is None
+
+
+def test_similarity_matches_the_models_own_hidden_states():
+    model = tiny_model(SPEC)
+    calibration = _calibration()
+    similarity = Flattener(model, calibration, progress=False).similarity_matrix()
+    with torch.no_grad():
+        states = model(calibration, output_hidden_states=True).hidden_states[: SPEC.num_layers]
+    units = torch.stack([torch.nn.functional.normalize(h.reshape(-1, h.shape[-1]).double(), dim=-1) for h in states])
+    expected = torch.einsum("ind,jnd->ij", units, units) / units.shape[1]
+    torch.testing.assert_close(similarity, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_counts_parameters_with_embeddings():
+    model = tiny_model(SPEC)
+    flattener = Flattener(model, _calibration(), progress=False)
+    per_block = sum(p.numel() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert flattener.blocks_for_ratio(2.4 * per_block / total) == 2
+    _, plan = flattener.compress(ratio=2.4 * per_block / total)
+    assert plan.removed == 2 and plan.method["parameters_before"] - plan.method["parameters_after"] == 2 * per_block
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"remove": 0}, ValueError, "cannot remove 0 of 6 blocks"),
+        ({"remove": 6}, ValueError, "cannot remove 6 of 6 blocks"),
+        ({"remove": 2.0}, ValueError, "remove must be an int"),
+        ({"remove": 2, "ratio": 0.1}, ValueError, "exactly one of remove"),
+        ({}, ValueError, "exactly one of remove"),
+        ({"ratio": 1.5}, ValueError, r"ratio must be a fraction of the parameters in \(0, 1\)"),
+    ],
+)
+def test_bad_removal_requests(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Flattener(tiny_model(SPEC), _calibration(), progress=False).compress(**kwargs)
+
+
+def test_bad_calibration_data():
+    model = tiny_model(SPEC)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 61\).*another tokenizer"):
+        Flattener(model, torch.full((2, 8), 500))
+    with pytest.raises(TypeError, match="2-D integer tensor"):
+        Flattener(model, torch.zeros(8))
+    with pytest.raises(ValueError, match="empty or too short"):
+        Flattener(model, torch.zeros(0, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="fixed spans .* remove 2 blocks, not 3"):
+        Flattener(model, _calibration(), policy=FixedSpans([(0, 2)]), progress=False).compress(remove=3)
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    model = tiny_model(SPEC)
+    _, plan = Flattener(copy.deepcopy(model), _calibration(), progress=False).compress(remove=1)
+    other = tiny_model(TinySpec("qwen2", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4,
+                                intermediate_size=12, num_layers=5))
+    with pytest.raises(ValueError, match="made for another model.*num_layers"):
+        plan.apply(other)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable plan"):
+        Plan.load(tmp_path / "broken.json")
