@@ -67,3 +67,27 @@ def test_a_pruned_real_model_is_a_stock_checkpoint(smollm2, tmp_path):
     cached = _greedy(reloaded, prompt, True)
     assert torch.equal(cached, _greedy(reloaded, prompt, False))
     assert cached.shape[1] > prompt.shape[1]
+
+
+def test_flattener_compresses_the_real_model_to_a_stock_checkpoint(smollm2, text_ids, tmp_path):
+    from flatten import Flattener, Plan
+    from flatten.data import calibration_tokens
+
+    model, tokenizer = smollm2
+    original = copy.deepcopy(model)
+    calibration = calibration_tokens(tokenizer, samples=4, seq_len=128)
+    compressed, plan = Flattener(copy.deepcopy(model), calibration, scorer="flattengpt+o+seq",
+                                 progress=False).compress(remove=2)
+    assert compressed.config.num_hidden_layers == 28 and plan.removed == 2
+    dense, after = perplexity(model, text_ids, seq_len=256), perplexity(compressed, text_ids, seq_len=256)
+    assert dense.value < after.value < 2 * dense.value, (dense, after)
+
+    save_checkpoint(compressed, tmp_path / "model", tokenizer)
+    plan.save(tmp_path / "model" / "plan.json")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    replayed = Plan.load(tmp_path / "model" / "plan.json").apply(original)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(prompt).logits, compressed(prompt).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(replayed(prompt).logits, compressed(prompt).logits)
+    assert torch.equal(_greedy(reloaded, prompt, True), _greedy(reloaded, prompt, False))

@@ -7,6 +7,7 @@ can then be run on its own, on any device, without the rest of the model.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,33 @@ class LayerInputs:
 
     hidden: list[Tensor]  # inputs of the first block, one tensor per batch
     calls: list[list[tuple[tuple, dict]]]  # [layer][batch]: the other positional and keyword arguments
+
+    def to(self, device: torch.device) -> "LayerInputs":
+        moved: dict[int, Tensor] = {}  # layers share their masks and RoPE tensors: move each once
+        return LayerInputs(_to(self.hidden, device, moved), _to(self.calls, device, moved))
+
+
+def _to(obj, device, moved: dict):
+    if isinstance(obj, Tensor):
+        if id(obj) not in moved:
+            moved[id(obj)] = obj.to(device)
+        return moved[id(obj)]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device, moved) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, moved) for k, v in obj.items()}
+    return obj
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device):
+    """Keep ``module`` on ``device`` for the duration, then move it back where it was."""
+    home = _device_of(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 @torch.no_grad()
@@ -158,9 +186,11 @@ def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], 
 
 
 @torch.no_grad()
-def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_layer: list[list], measure) -> Tensor:
+def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_layer: list[list], measure,
+                     device: torch.device | None = None) -> Tensor:
     """``S[i, j]``: the mean over tokens of ``measure(cos(X_i, X_j))`` for the inputs ``X`` of the layers,
-    computed batch by batch (L x L per token, never tokens x tokens)."""
+    computed batch by batch (L x L per token, never tokens x tokens). With ``device``, each layer visits it
+    only while it runs."""
     count = len(layers)
     total = torch.zeros(count, count, dtype=torch.float64)
     tokens = 0
@@ -169,7 +199,8 @@ def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_la
         for i, layer in enumerate(layers):
             units.append(torch.nn.functional.normalize(_tokens(x).float(), dim=-1))
             args, kwargs = calls_per_layer[i][b]
-            x = _output(layer(x, *args, **kwargs))
+            with on_device(layer, device or x.device):
+                x = _output(layer(x, *args, **kwargs))
         stacked = torch.stack(units)  # L x n x d
         cos = torch.einsum("ind,jnd->ijn", stacked, stacked)
         total += measure(cos).sum(-1).double().cpu()

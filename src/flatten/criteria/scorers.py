@@ -155,7 +155,7 @@ class FlattenGPTScorer(ChannelScorer):
         total = float(torch.einsum("oi,ij,oj->", w, stats.gram, w))
         cross = (stats.gram @ w.T)[rows]
         lam = self.o_ridge * stats.gram.diagonal().mean()
-        g = stats.gram[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64)
+        g = stats.gram[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64, device=stats.gram.device)
         return total - float((cross * torch.linalg.solve(g, cross)).sum())
 
     def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
