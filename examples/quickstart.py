@@ -11,7 +11,7 @@ calibration = calibration_tokens(tokenizer, samples=8, seq_len=256)  # Wikipedia
 text = tokenize(tokenizer, read_lines(wikitext2_test_path()), max_tokens=8 * 256)
 
 before = perplexity(model, text, seq_len=256)
-model, plan = Flattener(model, calibration, scorer="flattengpt+o+seq").compress(remove=2)
+model, plan = Flattener(model, calibration).compress(remove=2)
 after = perplexity(model, text, seq_len=256)
 
 print(f"flattened spans {plan.spans}: perplexity {before.value:.2f} -> {after.value:.2f} ({after.windows} x 256 tokens)")

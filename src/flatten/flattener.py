@@ -21,18 +21,20 @@ from flatten.plan import Merge, Plan, model_signature
 class Flattener:
     """Compresses ``model`` (in place) on ``calibration`` token ids (samples x sequence length).
 
-        flattener = Flattener(model, calibration, scorer="flattengpt", policy="greedy")
+        flattener = Flattener(model, calibration, scorer="reconstruction", policy="greedy")
         model, plan = flattener.compress(remove=6)      # or ratio=0.2: fraction of parameters
         plan.save("plan.json")
 
-    ``scorer`` and ``policy`` are registered names or instances; ``similarity`` names a measure of
+    ``scorer`` and ``policy`` are registered names or instances (the default scorer, ``reconstruction``, is
+    the paper's recipe with our additions, the best measured in ``benchmarks/RESULTS.md``; ``flattengpt`` is
+    the paper's own); ``similarity`` names a measure of
     ``flatten.criteria.SIMILARITIES``. Every decision for a block is made on the activations that reach it
     in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
     computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device.
     """
 
-    def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "flattengpt",
+    def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True):
         self.model = model
