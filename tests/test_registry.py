@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flatten import ARCHITECTURES, Architecture, BlockPair, register_architecture
-from tiny import BlockRunner, TinySpec, random_hidden, tiny_model, tiny_specs, tolerance
+from tiny import BlockRunner, random_hidden, tiny_model, tiny_specs, tolerance
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -53,3 +55,16 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, ov
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``: the file is
+    written whole or not at all."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -53,16 +53,14 @@ def wikipedia_leads(split: str = "calibration") -> str:
 
     ``split="calibration"`` gives 9 of every 10 articles in title order, ``"heldout"`` the 10th.
     """
-    import importlib.util
     import json
+
+    from flatten.models import package_dir
 
     if split not in ("calibration", "heldout"):
         raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
     package, relative, install = WIKIPEDIA_LEADS
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the Wikipedia lead sections ship in the PyPI package {package!r}; install: {install}")
-    articles = json.loads((Path(spec.submodule_search_locations[0]) / relative).read_text(encoding="utf-8"))
+    articles = json.loads((package_dir(package, install) / relative).read_text(encoding="utf-8"))
     titles = sorted(articles)
     chosen = [t for i, t in enumerate(titles) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout")]
     return LINE_JOIN.join(articles[t]["extract"].strip() for t in chosen if articles[t].get("extract"))

