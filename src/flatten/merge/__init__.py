@@ -1,7 +1,7 @@
 """The flatten-and-prune kernel and the model surgery around it."""
 
 from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, head_rows, kv_rows, prune_block, select_block
-from flatten.merge.surgery import renumber_layers, replace_span
+from flatten.merge.surgery import remove_blocks, renumber_layers, replace_span
 
 __all__ = [
     "build_block",
@@ -11,6 +11,7 @@ __all__ = [
     "head_rows",
     "kv_rows",
     "prune_block",
+    "remove_blocks",
     "renumber_layers",
     "replace_span",
     "select_block",

@@ -35,7 +35,26 @@ def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
     if type(block) is not type(layers[start]):
         raise TypeError(f"block is a {type(block).__name__}, the model's blocks are {type(layers[start]).__name__}")
 
-    removed = range(start + 1, stop)
+    remove_blocks(model, range(start + 1, stop), arch)
+    layers[start] = block
+    renumber_layers(model, arch)
+    return model
+
+
+def remove_blocks(model: nn.Module, indices, arch: Architecture | None = None) -> nn.Module:
+    """Delete the blocks at ``indices`` (in place); return the model.
+
+    Renumbers ``layer_idx``, drops the removed blocks' entries of per-layer config lists, lowers
+    leading-layer counts and sets the layer count: the model stays a stock checkpoint of its family.
+    """
+    arch = arch or architecture_for(model)
+    layers = arch.layers_of(model)
+    count = len(layers)
+    removed = sorted(set(indices))
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in removed):
+        raise ValueError(f"blocks to remove must be ints in [0, {count}), got {list(indices)!r}")
+    if len(removed) >= count:
+        raise ValueError(f"cannot remove all {count} blocks")
     config = model.config
     updates = {arch.num_layers_field: count - len(removed)}
     for field in arch.per_layer_fields:
@@ -50,8 +69,6 @@ def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
             updates[field] = value - sum(1 for i in removed if i < value)
     for field, value in updates.items():
         setattr(config, field, value)
-
-    layers[start] = block
     for index in reversed(removed):
         del layers[index]
     renumber_layers(model, arch)

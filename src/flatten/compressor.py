@@ -1,0 +1,98 @@
+"""What every depth-reduction strategy shares, and the registry of strategies by name.
+
+A strategy is a ``Compressor`` subclass: built on a model and calibration token ids, its
+``compress(remove=K | ratio=R)`` changes the model in place and returns ``(model, record)``, where the model
+is a stock checkpoint of its family with fewer blocks and the record says what was done (``.method``,
+``.save(path)``). ``Flattener`` (FlattenGPT) and the baselines of ``flatten.baselines`` are registered here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flatten.architectures import architecture_for
+from flatten.calibration import LayerInputs, capture, on_device, run_block
+from flatten.models import count_parameters
+from flatten.registry import Registry
+
+
+def check_calibration(model: nn.Module, calibration: Tensor) -> None:
+    """Raise unless ``calibration`` is a non-empty 2-D tensor of token ids in the model's vocabulary."""
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
+        raise TypeError("calibration must be a 2-D integer tensor of token ids (samples x sequence length)")
+    if calibration.shape[0] < 1 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration of shape {tuple(calibration.shape)} is empty or too short")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got ids "
+                         f"from {int(calibration.min())} to {int(calibration.max())}: another tokenizer?")
+
+
+class Compressor:
+    """Base of the strategies: validated calibration in batches, the block count to remove, layer inputs.
+
+    ``device`` is where blocks are computed (default: where the model is); the model may stay elsewhere.
+    """
+
+    def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
+                 device: str | torch.device | None = None, progress: bool = True):
+        self.model = model
+        self.arch = architecture_for(model)
+        check_calibration(model, calibration)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.calibration = calibration
+        self.batches = list(calibration.split(batch_size))
+        self.progress = progress
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def blocks_for_ratio(self, ratio: float) -> int:
+        """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(f"ratio must be a fraction of the parameters in (0, 1), got {ratio!r}")
+        per_block = sum(p.numel() for p in self.arch.layers_of(self.model)[0].parameters())
+        return max(1, round(ratio * count_parameters(self.model) / per_block))
+
+    def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
+        """The number of blocks that ``compress(remove=, ratio=)`` would remove; raises if it is out of range."""
+        if (remove is None) == (ratio is None):
+            raise ValueError("give exactly one of remove (blocks) or ratio (fraction of parameters)")
+        count = len(self.arch.layers_of(self.model))
+        k = self.blocks_for_ratio(ratio) if ratio is not None else remove
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count - 1:
+            raise ValueError(f"cannot remove {k!r} of {count} blocks: remove must be an int from 1 to {count - 1}")
+        return k
+
+    def compress(self, remove: int | None = None, ratio: float | None = None):
+        raise NotImplementedError
+
+    def _capture(self, batches: list[Tensor] | None = None) -> LayerInputs:
+        return capture(self.model, self.arch, batches or self.batches).to(self.device)
+
+    def _run(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
+        with on_device(block, self.device):
+            return run_block(block, hidden, calls, name=name)
+
+
+STRATEGIES: Registry[type[Compressor]] = Registry("strategy")
+
+
+def register_strategy(name: str, *, replace: bool = False):
+    """Class decorator: register a ``Compressor`` subclass under ``name``."""
+
+    def decorate(cls: type[Compressor]) -> type[Compressor]:
+        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+            raise TypeError(f"a strategy must be a Compressor subclass, got {cls!r}")
+        STRATEGIES.register(name, cls, replace=replace)
+        return cls
+
+    return decorate
+
+
+def get_strategy(name: str) -> type[Compressor]:
+    import importlib
+
+    for module in ("flatten.flattener", "flatten.baselines"):  # their strategies register on import
+        importlib.import_module(module)
+    return STRATEGIES.get(name)

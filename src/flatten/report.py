@@ -1,0 +1,144 @@
+"""What a compression run reports: the before/after table, the similarity heatmap, the model card."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from flatten.checkpoint import write_atomically
+
+
+def versions() -> dict:
+    """Versions of the library and of what its numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("flatten-gpt", "torch", "transformers", "accelerate", "gguf", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _ratio(before, after) -> str:
+    return f"{after / before:.3f}" if before else ""
+
+
+def results_table(record: dict) -> str:
+    """A Markdown table, before / after / after-to-before, of what ``record["results"]`` holds."""
+    results = record["results"]
+    rows = [("layers", *results["layers"], ""), ("parameters", *results["parameters"], "")]
+    rows = [(name, f"{b:,}", f"{a:,}", _ratio(b, a)) for name, b, a, _ in rows]
+    if results.get("perplexity"):
+        b, a = results["perplexity"]
+        rows.append((f"perplexity ({b['windows']} x {b['seq_len']} tokens)", f"{b['value']:.2f}", f"{a['value']:.2f}",
+                     _ratio(b["value"], a["value"])))
+    for b, a in results.get("latency") or []:
+        label = f"batch {b['batch']}, {b['prompt']}-token prompt"
+        rows.append((f"prefill ms ({label})", f"{b['prefill_ms']:.1f}", f"{a['prefill_ms']:.1f}",
+                     _ratio(b["prefill_ms"], a["prefill_ms"])))
+        rows.append((f"decode ms/token (batch {b['batch']})", f"{b['decode_ms']:.2f}", f"{a['decode_ms']:.2f}",
+                     _ratio(b["decode_ms"], a["decode_ms"])))
+    header = ("", "before", "after", "after / before")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                          for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def protocol_lines(record: dict) -> list[str]:
+    """How each number in the table was measured, one sentence each."""
+    results, calibration = record["results"], record["calibration"]
+    lines = [f"Compression: {results['compression_seconds']:.1f} s, peak memory {results['peak_memory_gib']:.2f} GiB "
+             f"(process resident set size, sampled every 5 ms)."]
+    lines.append(f"Calibration: {calibration['samples']} x {calibration['seq_len']} tokens of {calibration['source']} "
+                 f"(seed {calibration['seed']}, token sha256 {calibration['sha256'][:16]}).")
+    if results.get("perplexity"):
+        p = results["perplexity"][0]
+        lines.append(f"Perplexity: the first {p['windows']} non-overlapping windows of {p['seq_len']} tokens of "
+                     f"{p['text']}, each window scored on its own.")
+    if results.get("latency"):
+        lat = results["latency"][0][0]
+        lines.append(f"Latency: median of {lat['repeats']} runs after a warm-up, random prompts, greedy decoding of "
+                     f"{lat['new_tokens']} tokens with the KV cache; before and after measured in the same process.")
+    lines.append(f"Machine: {record['machine']}.")
+    return lines
+
+
+def similarity_heatmap(similarity, spans: list[tuple[int, int]], path: str | Path, title: str = "") -> Path | None:
+    """Draw the block-input similarity matrix with the flattened spans outlined, as a PNG at ``path``.
+    Returns None (and draws nothing) when matplotlib is not installed: ``pip install 'flatten-gpt[plot]'``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ModuleNotFoundError:
+        return None
+    matrix = torch.as_tensor(similarity, dtype=torch.float64).numpy()
+    count = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(6.4, 5.4), dpi=120)
+    image = ax.imshow(matrix, cmap="viridis", origin="upper")
+    fig.colorbar(image, ax=ax, label="similarity of block inputs (mean over tokens)")
+    for a, c in spans:
+        ax.add_patch(Rectangle((a - 0.5, a - 0.5), c - a + 1, c - a + 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xlabel("block")
+    ax.set_ylabel("block")
+    step = max(1, count // 15)
+    ax.set_xticks(range(0, count, step))
+    ax.set_yticks(range(0, count, step))
+    ax.set_title(title or "block-input similarity; flattened spans in red", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def model_card(record: dict) -> str:
+    """A README.md for the compressed checkpoint: what it is, how it was made, how it was measured."""
+    method, results = record["method"], record["results"]
+    spans = ", ".join(f"{a}-{c}" for a, c in record["spans"])
+    layers_before, layers_after = results["layers"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [flatten, flattengpt, depth-compression, pruning]",
+        "---",
+        "",
+        f"# {record['name']}",
+        "",
+        f"`{record['base_model']}` with its depth reduced from {layers_before} to {layers_after} decoder blocks by "
+        f"FlattenGPT (Xu et al., arXiv 2602.08858), made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
+        "It is a stock checkpoint of its architecture: load it with `AutoModelForCausalLM.from_pretrained(folder)`.",
+        "",
+        "## How it was made",
+        "",
+        f"- Flattened spans of original blocks (inclusive): {spans}. Each span became one block: the blocks' "
+        "attention heads and MLP channels side by side, then pruned back to the original width.",
+        f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, similarity `{method['similarity']}`.",
+        f"- Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
+        f"{record['calibration']['source']}.",
+        "- Every decision is in `plan.json` (compensation weights in `plan.json.safetensors`); the block-input "
+        "similarity heatmap is `similarity.png`; the full record of the run is `flatten_run.json`.",
+        f"- Command: `{record['command']}`",
+        "",
+        "## Measured",
+        "",
+        results_table(record),
+        "",
+        *protocol_lines(record),
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return " ".join(["flatten" if Path(sys.argv[0]).name == "flatten" else Path(sys.argv[0]).name] + sys.argv[1:])

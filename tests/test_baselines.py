@@ -1,0 +1,116 @@
+"""The depth-pruning baselines on tiny models: each removes what it says and leaves a stock checkpoint."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flatten import save_checkpoint
+from flatten.baselines import LaCo, Removal, mean_nll
+from flatten.compressor import STRATEGIES, get_strategy
+from flatten.merge import remove_blocks
+from tiny import TinySpec, tiny_model
+
+SPEC = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=24,
+                num_layers=6, dtype=torch.float32)
+CALIBRATION = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _identity_blocks(model, blocks):
+    """Make ``blocks`` add nothing to the residual stream (zero output projections)."""
+    with torch.no_grad():
+        for i in blocks:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+def _same_function(a, b):
+    ids = CALIBRATION[:2]
+    torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_every_strategy_is_registered():
+    get_strategy("flattengpt")
+    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner"} <= set(STRATEGIES.names())
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; known: .*shortgpt"):
+        get_strategy("nope")
+
+
+def test_shortgpt_drops_the_blocks_that_change_their_input_least():
+    model = _identity_blocks(tiny_model(SPEC), [1, 4])
+    expected = remove_blocks(copy.deepcopy(model), [1, 4])
+    model, record = get_strategy("shortgpt")(model, CALIBRATION, progress=False).compress(remove=2)
+    assert record.removed == [1, 4]
+    influence = record.scores["block_influence"]
+    assert influence[1] == pytest.approx(0, abs=1e-6) and influence[4] == pytest.approx(0, abs=1e-6)
+    assert min(influence[i] for i in (0, 2, 3, 5)) > 1e-3
+    assert model.config.num_hidden_layers == len(model.model.layers) == 4
+    _same_function(model, expected)
+
+
+def test_sleb_removes_the_block_a_brute_force_search_would():
+    model = tiny_model(SPEC)
+    batches = list(CALIBRATION.split(4))
+    losses = [mean_nll(remove_blocks(copy.deepcopy(model), [i]), batches) for i in range(6)]
+    first = min(range(6), key=losses.__getitem__)
+    original = copy.deepcopy(model)
+    model, record = get_strategy("sleb")(model, CALIBRATION, progress=False).compress(remove=2)
+    assert record.scores["order"][0] == first
+    assert record.scores["candidate_losses"][0] == pytest.approx(losses, rel=1e-5)
+    assert len(record.removed) == 2 and model.config.num_hidden_layers == 4
+    _same_function(model, remove_blocks(original, record.removed))
+
+
+def test_laco_collapses_by_adding_parameter_differences():
+    model = tiny_model(SPEC)
+    blocks = [model.model.layers[i] for i in (3, 4, 5)]
+    merged = LaCo.collapsed_block(blocks)
+    for name, tensor in merged.state_dict().items():
+        parts = [b.state_dict()[name] for b in blocks]
+        torch.testing.assert_close(tensor, parts[0] + (parts[1] - parts[0]) + (parts[2] - parts[0]))
+
+
+@pytest.mark.parametrize("threshold", [0.65, 1.5])  # 1.5: nothing passes until the threshold is lowered
+def test_laco_removes_k_blocks_above_its_lowest_layer(threshold):
+    model = tiny_model(SPEC)
+    model, record = get_strategy("laco")(model, CALIBRATION, collapse=3, threshold=threshold, step=0.5,
+                                         progress=False).compress(remove=2)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 4
+    assert sum(c - a for a, c in record.collapsed) == 2 and len(record.removed) == 2
+    assert all(a >= 3 for a, _ in record.collapsed)  # lowest defaults to half the depth
+    assert record.scores["tried"][-1]["similarity"] >= record.scores["tried"][-1]["threshold"]
+    with pytest.raises(ValueError, match="only into blocks 3 and above"):
+        get_strategy("laco")(tiny_model(SPEC), CALIBRATION).compress(remove=3)
+
+
+def test_blockpruner_removes_sublayers_up_to_the_parameter_budget():
+    model = tiny_model(SPEC)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    before = sum(p.numel() for p in model.parameters())
+    model, record = get_strategy("blockpruner")(model, CALIBRATION, progress=False).compress(remove=2)
+    assert before - record.method["parameters_effective"] >= 2 * block
+    assert len(model.model.layers) == model.config.num_hidden_layers == 6 - len(record.removed)
+    for i, kind in record.zeroed:
+        position = i - sum(r < i for r in record.removed)
+        layer = model.model.layers[position]
+        output = layer.self_attn.o_proj if kind == "attention" else layer.mlp.down_proj
+        assert not output.weight.any()
+    steps = record.scores["order"]
+    assert len(steps) == len(record.zeroed) + 2 * len(record.removed)
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_every_baseline_saves_a_stock_checkpoint(name, model_type, tmp_path):
+    spec = TinySpec(model_type, 2, 2, 2, 4, 24, num_layers=6, bias=model_type == "qwen2", dtype=torch.float32)
+    model, record = get_strategy(name)(tiny_model(spec), CALIBRATION, progress=False).compress(remove=1)
+    assert isinstance(record, Removal) and record.method["strategy"] == name
+    record.save(tmp_path / "removal.json")
+    save_checkpoint(model, tmp_path / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    _same_function(model, reloaded)
+    ids = CALIBRATION[:1, :4]
+    out = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)

@@ -1,0 +1,167 @@
+"""The ``flatten`` command: every subcommand, on a tiny model with a word-level tokenizer, and the main job's
+command on the real SmolLM2-135M."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flatten.checkpoint import save_checkpoint
+from flatten.cli import build_parser, main
+from tiny import TinySpec, tiny_model
+
+WORDS = [f"w{i}" for i in range(60)]  # with [UNK], the tiny models' vocabulary of 61
+FAST = ["--samples", "2", "--seq-len", "16", "--batch-size", "2"]
+FAST_EVAL = ["--windows", "2", "--ppl-len", "16"]
+FAST_LATENCY = ["--prompt", "8", "--new-tokens", "2", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved 5-block tiny LLaMA with a word-level tokenizer, and a text file in its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = tmp_path_factory.mktemp("tiny")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    spec = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=24,
+                    num_layers=5, dtype=torch.float32)
+    save_checkpoint(tiny_model(spec), base / "model", tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(60, (40,), generator=generator)) for _ in range(60)]
+    (base / "text.txt").write_text("\n".join(lines))
+    return base / "model", base / "text.txt"
+
+
+def _args(tiny, *extra):
+    model, text = tiny
+    return [str(model), *extra, "--calib", str(text)]
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("compress", "plan", "eval", "bench"):
+        with pytest.raises(SystemExit) as exit:
+            build_parser().parse_args([command, "--help"])
+        assert exit.value.code == 0
+        assert f"flatten {command}" in capsys.readouterr().out
+
+
+def test_compress_writes_a_stock_checkpoint_with_its_report(tiny, tmp_path, capsys):
+    out = tmp_path / "small"
+    code = main(["compress", *_args(tiny, "--remove", "2", "--out", str(out), "--quiet", "--ppl", str(tiny[1]),
+                                     *FAST, *FAST_EVAL, *FAST_LATENCY)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for row in ("layers", "parameters", "perplexity", "prefill ms", "decode ms/token", "Compression:"):
+        assert row in printed
+    assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "README.md", "flatten_run.json",
+            "similarity.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "flatten_run.json").read_text())
+    assert record["results"]["layers"] == [5, 3]
+    assert record["calibration"]["samples"] == 2 and len(record["calibration"]["sha256"]) == 64
+    assert "3 decoder blocks" in (out / "README.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == len(reloaded.model.layers) == 3
+
+
+def test_compress_refuses_an_existing_output_and_leaves_it_alone(tiny, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code = main(["compress", *_args(tiny, "--remove", "1", "--out", str(out), "--no-eval", "--no-latency", *FAST)])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--fraction", "1.5"], "--fraction"),
+    (["--remove", "5"], "cannot remove 5 of 5 blocks"),
+    (["--remove", "0"], "cannot remove 0"),
+    (["--policy", "fixed"], "--spans"),
+    (["--policy", "fixed", "--spans", "1-x"], "--spans must look like"),
+    (["--scorer", "nonsense"], "unknown scorer 'nonsense'; known:"),
+    (["--device", "tpu:7"], "unknown device"),
+    (["--samples", "1000"], "windows"),
+])
+def test_compress_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, extra, says):
+    out = tmp_path / "never"
+    code = main(["compress", *_args(tiny, "--out", str(out), "--no-eval", "--no-latency", *FAST, *extra)])
+    assert code == 2 and says in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_compress_with_fixed_spans(tiny, tmp_path):
+    out = tmp_path / "fixed"
+    code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
+                                     "--no-eval", "--no-latency", *FAST)])
+    assert code == 0
+    assert json.loads((out / "flatten_run.json").read_text())["spans"] == [[1, 3]]
+
+
+def test_plan_is_a_dry_run(tiny, tmp_path, capsys):
+    model = tiny[0]
+    before = (model / "model.safetensors").read_bytes()
+    code = main(["plan", *_args(tiny, "--remove", "2", *FAST), "--json", str(tmp_path / "plan.json"),
+                 "--png", str(tmp_path / "plan.png")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "spans to flatten" in printed and "blocks: 5 -> 3" in printed
+    document = json.loads((tmp_path / "plan.json").read_text())
+    assert len(document["similarity"]) == 5
+    assert sum(c - a for a, c in document["spans"]) == 2
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_eval_reports_perplexity(tiny, tmp_path, capsys):
+    code = main(["eval", str(tiny[0]), "--ppl", str(tiny[1]), *FAST_EVAL, "--json", str(tmp_path / "eval.json")])
+    assert code == 0 and "perplexity" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["layers"] == 5 and result["perplexity"]["windows"] == 2
+    assert 1 < result["perplexity"]["value"] < float("inf")
+
+
+def test_bench_compares_two_models(tiny, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["compress", *_args(tiny, "--remove", "2", "--out", str(out), "--quiet", "--no-eval", "--no-latency",
+                                    *FAST)]) == 0
+    code = main(["bench", str(out), "--against", str(tiny[0]), "--batch", "1,2", *FAST_LATENCY])
+    printed = capsys.readouterr().out
+    assert code == 0 and "decode speed-up" in printed and "layer-count ratio" in printed
+    rows = [line for line in printed.splitlines() if line.startswith(f"| {out} ") or line.startswith(f"| {tiny[0]} ")]
+    assert len(rows) == 4  # two models, two batch sizes
+
+
+def test_bench_bad_batch_list(tiny, capsys):
+    assert main(["bench", str(tiny[0]), "--batch", "1,zero"]) == 2
+    assert "--batch must be" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_compresses_smollm2_into_a_checkpoint_that_reloads_and_generates(tmp_path):
+    """The main job's command (shortened), run as a user would, and its checkpoint loaded in a fresh process."""
+    flatten = Path(sys.executable).with_name("flatten")
+    out = tmp_path / "smollm2-28"
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    run = subprocess.run([str(flatten), "compress", "smollm2-135m", "--remove", "2", "--samples", "4", "--seq-len",
+                          "128", "--windows", "4", "--ppl-len", "128", "--repeats", "1", "--new-tokens", "4",
+                          "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| layers" in run.stdout and "30 |" in run.stdout and "28 |" in run.stdout
+    load = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "ids = t('The capital of France is', return_tensors='pt')\n"
+            "out = m.generate(**ids, max_new_tokens=8, do_sample=False)\n"
+            "print(m.config.num_hidden_layers, len(m.model.layers), repr(t.decode(out[0, ids['input_ids'].shape[1]:])))")
+    loaded = subprocess.run([sys.executable, "-c", load, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    layers, blocks, text = loaded.stdout.split(" ", 2)
+    assert layers == blocks == "28" and len(text.strip("'\" \n")) > 0
