@@ -6,7 +6,8 @@
 
 A method is a registered strategy (``flatten.compressor.STRATEGIES``: flattengpt, shortgpt, sleb, laco,
 blockpruner) with optional ``:key=value`` options for its constructor (several joined by ``:``), e.g.
-``flattengpt:scorer=magnitude:policy=greedy-recompute``. Each runs on a fresh copy of the dense model.
+``flattengpt:scorer=magnitude:policy=greedy-recompute``; options the constructor does not take go to the
+scorer (``flattengpt:ridge=0.1``). Each runs on a fresh copy of the dense model.
 Prints a markdown section (command, machine, protocol, table); ``--append FILE`` also appends it to FILE.
 """
 
@@ -14,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
-import torch
-
-from flatten import count_parameters, load_model, perplexity
+from flatten import count_parameters, save_checkpoint
+from flatten.baselines import _Baseline
 from flatten.compressor import get_strategy
-from flatten.data import LINE_JOIN, calibration_tokens, read_lines, tokenize, wikitext2_test_path
+from flatten.criteria import get_scorer
 from flatten.measure import PeakMemory, machine
+from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
+from harness import publish, setup
 
 GIB = 2**30
 
@@ -46,71 +50,127 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, options
 
 
+def build(name: str, options: dict, model, calibration):
+    """The strategy ``name`` on ``model``; options its constructor does not take go to its scorer, e.g.
+    ``flattengpt:scorer=reconstruction:ridge=0.1``."""
+    strategy = get_strategy(name)
+    parameters = inspect.signature(strategy.__init__).parameters
+    accepted = set(parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # forwards **options to Compressor
+        accepted |= set(inspect.signature(_Baseline.__init__).parameters)
+    own = {k: v for k, v in options.items() if k in accepted}
+    rest = {k: v for k, v in options.items() if k not in accepted}
+    if rest:
+        if "scorer" not in accepted:
+            raise SystemExit(f"{name} takes no options {sorted(rest)}")
+        own["scorer"] = get_scorer(own.get("scorer", "reconstruction"), **rest)
+    return strategy(model, calibration, **own)
+
+
+def plot(rows: list[dict], layers: int, path: str, title: str) -> None:
+    """Perplexity against the removed fraction of the blocks, one line per method (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    dense = next(r["ppl"] for r in rows if r["method"] == "dense")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        points = sorted((r["remove"] / layers, r["ppl"]) for r in rows if r["method"] == method)
+        ax.plot([0] + [x for x, _ in points], [dense] + [y for _, y in points], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of blocks removed")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--remove", type=int, required=True, help="blocks to remove")
+    parser.add_argument("--remove", required=True, help="blocks to remove; several, comma-separated, for a sweep")
     parser.add_argument("--methods", default="flattengpt,shortgpt", help="comma-separated methods (see above)")
     parser.add_argument("--samples", type=int, default=32, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=32, help="WikiText-2 test windows for perplexity")
+    parser.add_argument("--tasks", default=None, help="zero-shot tasks too: comma-separated, or 'paper' for all five")
+    parser.add_argument("--limit", type=int, default=None, help="zero-shot items per task (default: all)")
+    parser.add_argument("--save", default=None, help="save each compressed model (a stock checkpoint) under this folder")
+    parser.add_argument("--plot", default=None, help="draw perplexity vs removed fraction into this PNG")
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
     methods = [parse_method(m) for m in args.methods.split(",")]
     for name, _ in methods:
         get_strategy(name)  # unknown names fail before anything is loaded
+    removals = [int(k) for k in args.remove.split(",")]
+    tasks = None if args.tasks is None else list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
+    if tasks:
+        check_tasks(tasks, args.limit)
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    run = setup(args.model, args.samples, args.seq_len, args.windows)
+    model, calibration, ppl = run.model, run.calibration, run.ppl
     layers = model.config.num_hidden_layers
-    calibration = calibration_tokens(tokenizer, samples=args.samples, seq_len=args.seq_len)
-    text = wikitext2_test_path()
-    if text is None:
-        sys.exit("needs the WikiText-2 test split at ../shared/data/wikitext-2-raw/wiki.test.raw")
-    eval_ids = tokenize(tokenizer, read_lines(text), max_tokens=args.windows * args.seq_len)
 
-    def ppl(m) -> float:
-        return perplexity(m, eval_ids, seq_len=args.seq_len, max_windows=args.windows).value
+    def measure(m, **row) -> dict:
+        row.update(layers=len(m.model.layers), ppl=ppl(m))
+        if tasks:
+            row["zero_shot"] = zero_shot(m, run.tokenizer, tasks, limit=args.limit)
+        print({k: v for k, v in row.items()}, flush=True)
+        return row
 
-    rows = [("dense", layers, count_parameters(model), ppl(model), None, None, "")]
-    print(f"dense perplexity {rows[0][3]:.2f}", flush=True)
-    for name, options in methods:
-        work = copy.deepcopy(model)
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            work, record = get_strategy(name)(work, calibration, **options).compress(remove=args.remove)
-            seconds = time.perf_counter() - start
-        if hasattr(record, "spans"):
-            what = "flattened " + " ".join(f"{a}-{c}" for a, c in record.spans)
-        elif record.collapsed:
-            what = "collapsed " + " ".join(f"{a}-{c}" for a, c in record.collapsed)
-        else:
-            what = "removed " + " ".join(map(str, record.removed))
-            what += (" + zeroed " + " ".join(f"{i}{k[0]}" for i, k in record.zeroed)) if record.zeroed else ""
-        label = name + "".join(f" {k}={v}" for k, v in options.items())
-        params = record.method.get("parameters_effective", count_parameters(work))
-        rows.append((label, len(work.model.layers), params, ppl(work), seconds, memory.peak_bytes, what))
-        print(rows[-1], flush=True)
-        del work
+    rows = [measure(model, method="dense", remove=0, parameters=count_parameters(model), seconds=None, peak=None,
+                    what="")]
+    for k in removals:
+        for name, options in methods:
+            work = copy.deepcopy(model)
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                work, record = build(name, options, work, calibration).compress(remove=k)
+                seconds = time.perf_counter() - start
+            label = name + "".join(f" {o}={v}" for o, v in options.items())
+            if args.save and options.get("prune", True):  # flatten-only (prune=0) is no stock checkpoint
+                folder = Path(args.save) / f"{label.replace(' ', '_').replace('=', '-')}_remove{k}"
+                save_checkpoint(work, folder, run.tokenizer, overwrite=True)
+                record.save(folder / "decisions.json")
+            rows.append(measure(work, method=label, remove=k,
+                                parameters=record.method.get("parameters_effective", count_parameters(work)),
+                                seconds=seconds, peak=memory.peak_bytes, what=record.describe()))
+            del work
 
+    zero_shot_note = ""
+    if tasks:
+        first = rows[0]["zero_shot"]
+        zero_shot_note = (f" Zero-shot: lm-evaluation-harness {first.lm_eval_version}, 0-shot, "
+                          + ("all items" if args.limit is None else f"the first {args.limit} items of each task")
+                          + "; metric per task: " + ", ".join(f"{s.task} {s.metric}" for s in first.scores)
+                          + "; the mean is over the tasks.")
+    task_columns = [s.task for s in rows[0]["zero_shot"].scores] if tasks else []
     lines = [f"### {args.model}: strategies removing {args.remove} of {layers} blocks ({date.today()})", "",
              f"Command: `python {' '.join(sys.argv)}`", "", f"Machine: {machine()}", "",
-             f"Calibration: {args.samples} x {args.seq_len} tokens of Wikipedia lead sections (seed 0); strategies "
-             "with `search_samples=N` search on its first N sequences. Perplexity: first "
-             f"{args.windows} non-overlapping windows of {args.seq_len} tokens of WikiText-2 test (`{text.name}`, "
-             f"non-empty lines joined by {LINE_JOIN!r}). Parameters: those that still compute (BlockPruner keeps "
+             f"{run.protocol} Strategies with `search_samples=N` search on the first N calibration sequences. "
+             "Parameters: those that still compute (BlockPruner keeps "
              "removed sub-layers as zero weights in its stock checkpoint). Peak memory: resident set of the process "
-             "during compression (it holds the dense model too).", "",
-             "| method | layers | parameters | WikiText-2 ppl | compress s | peak RSS GiB | what it did |",
-             "|---|---|---|---|---|---|---|"]
-    for label, n, params, value, seconds, peak, what in rows:
-        lines.append(f"| {label} | {n} | {params:,} | {value:.2f} | {'' if seconds is None else f'{seconds:.1f}'} | "
-                     f"{'' if peak is None else f'{peak / GIB:.2f}'} | {what} |")
-    section = "\n".join(lines) + "\n"
-    print("\n" + section)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + section)
+             f"during compression (it holds the dense model too).{zero_shot_note}", "",
+             "| method | removed | layers | parameters | WikiText-2 ppl |"
+             + "".join(f" {t} |" for t in task_columns) + (" zero-shot mean |" if tasks else "")
+             + " compress s | peak RSS GiB | what it did |",
+             "|---" * (8 + len(task_columns) + bool(tasks)) + "|"]
+    for r in rows:
+        scores = "".join(f" {s.value:.3f} |" for s in r["zero_shot"].scores) + f" {r['zero_shot'].mean:.3f} |" \
+            if tasks else ""
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        peak = "" if r["peak"] is None else f"{r['peak'] / GIB:.2f}"
+        lines.append(f"| {r['method']} | {r['remove']} | {r['layers']} | {r['parameters']:,} | {r['ppl']:.2f} |{scores} "
+                     f"{seconds} | {peak} | {r['what']} |")
+    if args.plot:
+        plot(rows, layers, args.plot, f"{args.model}: perplexity after depth reduction")
+        lines += ["", f"Plot: `{args.plot}`"]
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ import sys
 import time
 from datetime import date
 
-import torch
-
-from flatten import Flattener, count_parameters, load_model, perplexity, save_checkpoint
+from flatten import Flattener, count_parameters, save_checkpoint
 from flatten.criteria import POLICIES, SCORERS, FixedSpans
-from flatten.data import LINE_JOIN, calibration_tokens, read_lines, tokenize, wikitext2_test_path
 from flatten.measure import PeakMemory, machine
+from harness import publish, setup
 
 GIB = 2**30
 
@@ -45,17 +43,9 @@ def main() -> None:
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    run = setup(args.model, args.samples, args.seq_len, args.windows)
+    model, tokenizer, calibration, ppl = run.model, run.tokenizer, run.calibration, run.ppl
     layers = model.config.num_hidden_layers
-    calibration = calibration_tokens(tokenizer, samples=args.samples, seq_len=args.seq_len)
-    text = wikitext2_test_path()
-    if text is None:
-        sys.exit("needs the WikiText-2 test split at ../shared/data/wikitext-2-raw/wiki.test.raw")
-    eval_ids = tokenize(tokenizer, read_lines(text), max_tokens=args.windows * args.seq_len)
-
-    def ppl(m) -> float:
-        return perplexity(m, eval_ids, seq_len=args.seq_len, max_windows=args.windows).value
 
     scorers = args.scorers.split(",")
     main_scorer = scorers[0]
@@ -88,9 +78,8 @@ def main() -> None:
 
     lines = [f"### {args.model}: remove {args.remove} of {layers} blocks ({date.today()})", "",
              f"Command: `python {' '.join(sys.argv)}`", "", f"Machine: {machine()}", "",
-             f"Calibration: {args.samples} x {args.seq_len} tokens of Wikipedia lead sections (seed 0). Perplexity: "
-             f"first {args.windows} non-overlapping windows of {args.seq_len} tokens of WikiText-2 test "
-             f"(`{text.name}`, non-empty lines joined by {LINE_JOIN!r}). Peak memory: resident set of the process "
+             f"{run.protocol} "
+             "Peak memory: resident set of the process "
              "during compression (it holds the dense model for every row too).", "",
              "| scorer | policy | similarity | layers | parameters | WikiText-2 ppl | compress s | peak RSS GiB | spans |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -106,11 +95,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", reload, args.save], capture_output=True, text=True, check=True)
         lines += ["", f"Saved to `{args.save}`; reloaded with stock `AutoModelForCausalLM` in a new process "
                       f"(layers, greedy text): `{out.stdout.strip()}`"]
-    section = "\n".join(lines) + "\n"
-    print("\n" + section)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + section)
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Compare scorers on the same model, calibration and evaluation: here the paper's recipe, the library's
-default and a magnitude baseline, removing 2 of SmolLM2-135M's 30 blocks.
+"""Compare methods on the same model, calibration and evaluation: FlattenGPT with the library's default
+scorer and with the paper's, against the ShortGPT baseline, each removing 2 of SmolLM2-135M's 30 blocks.
 
-`benchmarks/compress.py` does the same at full size, for every registered scorer and policy.
+`benchmarks/compare.py` does the same at full size, for every strategy and option, with zero-shot accuracy.
 """
 
 import copy
 
-from flatten import Flattener, load_model, perplexity
+from flatten import get_strategy, load_model, perplexity
 from flatten.data import calibration_tokens, evaluation_text, tokenize
 
 original, tokenizer = load_model("smollm2-135m")
@@ -15,8 +15,11 @@ text, about = evaluation_text()  # WikiText-2 test beside the project, else held
 ids = tokenize(tokenizer, text, max_tokens=8 * 128)
 
 print(f"perplexity on {about}, 8 x 128 tokens")
-print(f"{'dense':>16}: {perplexity(original, ids, seq_len=128).value:7.2f}  (30 blocks)")
-for scorer in ("flattengpt", "reconstruction", "magnitude"):
-    model, plan = Flattener(copy.deepcopy(original), calibration, scorer=scorer, progress=False).compress(remove=2)
-    print(f"{scorer:>16}: {perplexity(model, ids, seq_len=128).value:7.2f}  (spans {plan.spans}, "
-          f"{plan.method['seconds']:.0f} s)")
+print(f"{'dense':>28}: {perplexity(original, ids, seq_len=128).value:7.2f}")
+for label, strategy, options in [("flattengpt (default scorer)", "flattengpt", {}),
+                                 ("flattengpt (paper's scorer)", "flattengpt", {"scorer": "flattengpt"}),
+                                 ("shortgpt", "shortgpt", {})]:
+    compressor = get_strategy(strategy)(copy.deepcopy(original), calibration, progress=False, **options)
+    model, record = compressor.compress(remove=2)
+    print(f"{label:>28}: {perplexity(model, ids, seq_len=128).value:7.2f}  ({record.describe()}, "
+          f"{record.method['seconds']:.0f} s)")

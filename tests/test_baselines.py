@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flatten import save_checkpoint
-from flatten.baselines import LaCo, Removal, mean_nll
+from flatten.baselines import LaCo, Removal
+from flatten.evaluation import mean_nll
 from flatten.compressor import STRATEGIES, get_strategy
 from flatten.merge import remove_blocks
 from tiny import TinySpec, tiny_model

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[UNK]")
     spec = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=24,
                     num_layers=5, dtype=torch.float32)
     save_checkpoint(tiny_model(spec), base / "model", tokenizer)
@@ -90,6 +90,8 @@ def test_compress_refuses_an_existing_output_and_leaves_it_alone(tiny, tmp_path,
     (["--policy", "fixed", "--spans", "1-x"], "--spans must look like"),
     (["--scorer", "nonsense"], "unknown scorer 'nonsense'; known:"),
     (["--device", "tpu:7"], "unknown device"),
+    (["--strategy", "shortgpt", "--scorer", "magnitude"], "go with --strategy flattengpt"),
+    (["--strategy", "dropout"], "unknown strategy 'dropout'"),
     (["--samples", "1000"], "windows"),
 ])
 def test_compress_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, extra, says):
@@ -104,7 +106,19 @@ def test_compress_with_fixed_spans(tiny, tmp_path):
     code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
                                      "--no-eval", "--no-latency", *FAST)])
     assert code == 0
-    assert json.loads((out / "flatten_run.json").read_text())["spans"] == [[1, 3]]
+    assert json.loads((out / "plan.json").read_text())["merges"][-1]["span"] == [1, 3]
+    assert "flattened spans 1-3" in json.loads((out / "flatten_run.json").read_text())["what"]
+
+
+def test_compress_with_a_baseline_strategy(tiny, tmp_path, capsys):
+    out = tmp_path / "short"
+    code = main(["compress", *_args(tiny, "--strategy", "shortgpt", "--remove", "2", "--out", str(out), "--quiet",
+                                     "--ppl", str(tiny[1]), *FAST, *FAST_EVAL, "--no-latency")])
+    assert code == 0 and "ShortGPT" in capsys.readouterr().out
+    removal = json.loads((out / "removal.json").read_text())
+    assert len(removal["removed"]) == 2 and removal["method"]["strategy"] == "shortgpt"
+    assert not (out / "similarity.png").exists() and "ShortGPT" in (out / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
 
 
 def test_plan_is_a_dry_run(tiny, tmp_path, capsys):
@@ -165,3 +179,19 @@ def test_console_script_compresses_smollm2_into_a_checkpoint_that_reloads_and_ge
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     layers, blocks, text = loaded.stdout.split(" ", 2)
     assert layers == blocks == "28" and len(text.strip("'\" \n")) > 0
+
+
+def test_eval_zero_shot_through_lm_eval(tiny, tmp_path, capsys):
+    code = main(["eval", str(tiny[0]), "--no-ppl", "--tasks", "piqa,arc_easy", "--limit", "3",
+                 "--json", str(tmp_path / "eval.json")])
+    assert code == 0 and "zero-shot mean" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())["zero_shot"]
+    assert [s["task"] for s in result["scores"]] == ["piqa", "arc_easy"]
+    assert [s["metric"] for s in result["scores"]] == ["acc_norm", "acc_norm"]
+    assert all(s["items"] == 3 and 0 <= s["value"] <= 1 for s in result["scores"])
+    assert result["limit"] == 3 and result["lm_eval_version"].startswith("0.4")
+
+
+def test_eval_refuses_unknown_tasks_before_loading(capsys):
+    assert main(["eval", "no/such-model", "--tasks", "piqa,mmlu"]) == 2
+    assert "unknown zero-shot tasks ['mmlu']; known: piqa" in capsys.readouterr().err

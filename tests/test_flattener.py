@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatten import BlockPair, ChannelScorer, Flattener, Plan, register_scorer
-from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer
+from flatten import BlockPair, ChannelScorer, Flattener, Plan, check_stock, register_scorer
+from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer, get_policy
+from flatten.evaluation import mean_nll
 from tiny import TinySpec, tiny_model, tiny_specs
 
 SPEC = TinySpec("qwen2", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=12,
@@ -173,3 +174,37 @@ def test_a_plan_for_another_model_is_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable plan"):
         Plan.load(tmp_path / "broken.json")
+
+
+def test_flatten_only_keeps_the_wide_blocks_and_computes_the_flattened_sum():
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=5, dtype=torch.float64)
+    model = tiny_model(spec)
+    expected = copy.deepcopy(model)
+    BlockPair(expected, 1).replace(BlockPair(expected, 1).flatten())
+    calibration = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(0))
+    model, plan = Flattener(model, calibration, policy=FixedSpans([(1, 2)]), prune=False, progress=False).compress()
+    assert len(model.model.layers) == 4 and plan.method["prune"] is False
+    assert model.model.layers[1].mlp.down_proj.weight.shape[1] == 2 * 16
+    torch.testing.assert_close(model(calibration).logits, expected(calibration).logits)
+    with pytest.raises(ValueError, match="is not a stock checkpoint|prune wide blocks"):
+        check_stock(model)
+    with pytest.raises(ValueError, match="flattens spans of two blocks"):
+        Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 3)]), prune=False, progress=False).compress()
+
+
+def test_trial_loss_merges_the_pair_whose_merge_hurts_the_loss_least():
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=5, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(1))
+    search = calibration[:2]
+    losses = []
+    for i in range(4):
+        candidate, _ = Flattener(tiny_model(spec), search, policy=FixedSpans([(i, i + 1)]), batch_size=2,
+                                 progress=False).compress()
+        losses.append(mean_nll(candidate, [search]))
+    policy = get_policy("trial-loss", search_samples=2)
+    model, plan = Flattener(tiny_model(spec), calibration, policy=policy, batch_size=2, progress=False).compress(remove=2)
+    assert plan.method["trial_losses"][0] == pytest.approx(losses, rel=1e-9)
+    assert plan.merges[0].position == min(range(4), key=losses.__getitem__)
+    assert len(model.model.layers) == 3 and len(plan.method["trial_losses"][1]) == 3
+    replayed = plan.apply(tiny_model(spec))
+    torch.testing.assert_close(replayed(calibration).logits, model(calibration).logits)

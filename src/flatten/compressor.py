@@ -35,6 +35,9 @@ class Compressor:
     ``device`` is where blocks are computed (default: where the model is); the model may stay elsewhere.
     """
 
+    name = "?"  # the registered name
+    title = "?"  # the method and where it comes from, for model cards
+
     def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True):
         self.model = model
@@ -42,7 +45,7 @@ class Compressor:
         check_calibration(model, calibration)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.calibration = calibration
+        self.calibration, self.batch_size = calibration, batch_size
         self.batches = list(calibration.split(batch_size))
         self.progress = progress
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -49,3 +49,16 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = 512,
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
     scored = windows * (seq_len - 1)
     return Perplexity(math.exp(total / scored), seq_len, windows, scored, text)
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over batches of token ids (rows scored alone)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count

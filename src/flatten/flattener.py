@@ -12,7 +12,8 @@ from flatten.calibration import attention_stats, input_similarity, mlp_stats
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
-from flatten.merge import select_block
+from flatten.evaluation import mean_nll
+from flatten.merge import select_block, swapped_blocks
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
@@ -32,13 +33,19 @@ class Flattener(Compressor):
     ``flatten.criteria.SIMILARITIES``. Every decision for a block is made on the activations that reach it
     in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
     computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
-    block in hand and one block boundary's activations visit the device.
+    block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
+    the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
+    saved; spans of two blocks only).
     """
+
+    name = "flattengpt"
+    title = "FlattenGPT (Xu et al., arXiv 2602.08858)"
 
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True):
+                 device: str | torch.device | None = None, progress: bool = True, prune: bool = True):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        self.prune = bool(prune)
         self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
@@ -63,6 +70,8 @@ class Flattener(Compressor):
 
     def plan_spans(self, remove: int | None = None, ratio: float | None = None) -> tuple[list[Span], Tensor]:
         """Dry run of a one-shot policy: the spans it would flatten, and the similarity matrix."""
+        if self.policy.trial:
+            raise ValueError(f"{self.policy!r} decides by trying merges: a dry run cannot show its spans")
         k = self.blocks_to_remove(remove, ratio)
         similarity = self.similarity_matrix()
         return self._greedy_groups(similarity, k), similarity
@@ -79,7 +88,9 @@ class Flattener(Compressor):
         k = self.blocks_to_remove(remove, ratio)
         start = time.perf_counter()
         plan = Plan(model_signature(self.model), self._method())
-        if self.policy.recompute:
+        if self.policy.trial:
+            self._compress_by_trial(k, plan)
+        elif self.policy.recompute:
             self._compress_recomputing(k, plan)
         else:
             self._compress_one_shot(k, plan)
@@ -89,7 +100,7 @@ class Flattener(Compressor):
 
     def _method(self) -> dict:
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
-                "policy_config": repr(self.policy), "similarity": self.similarity_name,
+                "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1]},
                 "parameters_before": count_parameters(self.model)}
 
@@ -97,7 +108,7 @@ class Flattener(Compressor):
         inputs = self._capture()
         layers = self.arch.layers_of(self.model)
         similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
-                                progress=self.progress)
+                                      progress=self.progress)
         plan.similarity = similarity.tolist()
         groups = self._greedy_groups(similarity, k)
         last = max(g for g, (a, c) in enumerate(groups) if c > a)
@@ -117,7 +128,7 @@ class Flattener(Compressor):
             inputs = self._capture()
             layers = self.arch.layers_of(self.model)
             similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
-                                progress=self.progress)
+                                      progress=self.progress)
             if plan.similarity is None:
                 plan.similarity = similarity.tolist()
             b = self.policy.next_merge(similarity, [(i, i) for i in range(len(layers))])
@@ -128,13 +139,51 @@ class Flattener(Compressor):
             plan.merges.append(self._merge(b, span, float(similarity[b, b + 1]), hidden, inputs.calls[b]))
             spans[b : b + 2] = [span]
 
-    def _merge(self, position: int, span: Span, similarity: float, hidden: list[Tensor], calls: list) -> Merge:
+    def _compress_by_trial(self, k: int, plan: Plan) -> None:
+        search = list(self.calibration[: self.policy.search_samples].split(self.batch_size))
+        spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
+        plan.method["trial_losses"] = []
+        for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
+            inputs = self._capture(search)
+            layers = self.arch.layers_of(self.model)
+            hidden, losses = inputs.hidden, []
+            for i in range(len(layers) - 1):
+                block, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, inputs.calls[i])
+                with swapped_blocks(layers, i, i + 2, [block]):
+                    losses.append(mean_nll(self.model, search))
+                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+            b = self.policy.next_merge(torch.tensor(losses), spans)
+            plan.method["trial_losses"].append(losses)
+            inputs = self._capture()
+            hidden = inputs.hidden
+            for i in range(b):
+                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+            span = (spans[b][0], spans[b + 1][1])
+            plan.merges.append(self._merge(b, span, None, hidden, inputs.calls[b]))
+            spans[b : b + 2] = [span]
+
+    def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list) -> Merge:
         """Flatten blocks ``position`` and ``position + 1``, choose what to keep on ``hidden`` (their input
         in the compressed model), prune, compensate, and put the result in the model."""
+        block, merge = self._build_merge(position, span, similarity, hidden, calls)
+        BlockPair(self.model, position).replace(block)
+        return merge
+
+    def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
+                     calls: list) -> tuple[nn.Module, Merge]:
+        """The block that would replace blocks ``position`` and ``position + 1``, and its Merge record;
+        the model is not changed."""
         arch, config = self.arch, self.model.config
         want = arch.shape_of(config)
         pair = BlockPair(self.model, position)
         home = next(pair.first.parameters()).device
+        if not self.prune:  # the ablation "flatten only": the wide block stays, nothing is removed from it
+            if arch.block_shape(pair.first, config) != want or arch.block_shape(pair.second, config) != want:
+                raise ValueError(f"prune=False (flatten only) flattens spans of two blocks; span {span} is longer")
+            wide = pair.flatten()
+            shape = arch.block_shape(wide, config)
+            return wide, Merge(position, span, similarity, list(range(shape.num_kv_heads)),
+                               list(range(shape.intermediate_size)))
         wide = pair.flatten().to(self.device)
         shape = arch.block_shape(wide, config)
 
@@ -151,5 +200,4 @@ class Flattener(Compressor):
         merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
                       None if groups.weight is None else groups.weight.to(home),
                       None if channels.weight is None else channels.weight.to(home))
-        pair.replace(pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home))
-        return merge
+        return pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home), merge

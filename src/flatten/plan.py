@@ -60,6 +60,12 @@ class Plan:
             spans = [s for s in spans if not (merge.span[0] <= s[0] and s[1] <= merge.span[1])] + [tuple(merge.span)]
         return sorted(spans)
 
+    def describe(self) -> str:
+        """What was done, in a few words."""
+        spans = " ".join(f"{a}-{c}" for a, c in self.spans)
+        how = ", ".join(f"{key} {self.method[key]}" for key in ("scorer", "policy") if key in self.method)
+        return f"flattened spans {spans}" + (f" ({how})" if how else "")
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Replay the plan on a fresh copy of the model it was made for (in place); return the model."""
         have = model_signature(model)

@@ -103,7 +103,6 @@ def similarity_heatmap(similarity, spans: list[tuple[int, int]], path: str | Pat
 def model_card(record: dict) -> str:
     """A README.md for the compressed checkpoint: what it is, how it was made, how it was measured."""
     method, results = record["method"], record["results"]
-    spans = ", ".join(f"{a}-{c}" for a, c in record["spans"])
     layers_before, layers_after = results["layers"]
     lines = [
         "---",
@@ -114,18 +113,18 @@ def model_card(record: dict) -> str:
         f"# {record['name']}",
         "",
         f"`{record['base_model']}` with its depth reduced from {layers_before} to {layers_after} decoder blocks by "
-        f"FlattenGPT (Xu et al., arXiv 2602.08858), made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
+        f"{record['strategy']}, made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
         "It is a stock checkpoint of its architecture: load it with `AutoModelForCausalLM.from_pretrained(folder)`.",
         "",
         "## How it was made",
         "",
-        f"- Flattened spans of original blocks (inclusive): {spans}. Each span became one block: the blocks' "
-        "attention heads and MLP channels side by side, then pruned back to the original width.",
-        f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, similarity `{method['similarity']}`.",
+        f"- What was done (block indices of the original model): {record['what']}.",
+        *([f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, "
+           f"similarity `{method['similarity']}`. Each flattened span became one block: the blocks' attention heads "
+           "and MLP channels side by side, then pruned back to the original width."] if "scorer" in method else []),
         f"- Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
         f"{record['calibration']['source']}.",
-        "- Every decision is in `plan.json` (compensation weights in `plan.json.safetensors`); the block-input "
-        "similarity heatmap is `similarity.png`; the full record of the run is `flatten_run.json`.",
+        f"- Every decision is in `{record['decisions']}`; the full record of the run is `flatten_run.json`.",
         f"- Command: `{record['command']}`",
         "",
         "## Measured",

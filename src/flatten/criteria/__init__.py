@@ -6,6 +6,7 @@ from flatten.criteria.policies import (
     FixedSpans,
     GreedySimilarity,
     PairPolicy,
+    TrialLoss,
     get_policy,
 )
 from flatten.criteria.scorers import (
@@ -40,6 +41,7 @@ __all__ = [
     "MlpStats",
     "PairPolicy",
     "RandomScorer",
+    "TrialLoss",
     "get_policy",
     "get_scorer",
     "register_scorer",

@@ -24,9 +24,12 @@ SIMILARITIES.register("angular", lambda cos: 1 - torch.arccos(cos.clamp(-1, 1)) 
 
 class PairPolicy:
     """Chooses which adjacent groups to flatten next. ``recompute``: the Flattener recomputes the
-    similarity matrix on the compressed model before every merge (positions are then current blocks)."""
+    similarity matrix on the compressed model before every merge (positions are then current blocks).
+    ``trial``: instead of similarities, ``next_merge`` receives for every adjacent pair of current blocks the
+    calibration loss of the model with that pair merged (the Flattener tries each)."""
 
     recompute: bool = False
+    trial: bool = False
 
     def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
         """Index ``g``: flatten group ``g`` with group ``g + 1``."""
@@ -83,10 +86,34 @@ class FixedSpans(PairPolicy):
         raise ValueError(f"the fixed spans {self.spans} are all merged already (or lie beyond the model's blocks)")
 
 
+class TrialLoss(PairPolicy):
+    """Before each merge, try every adjacent pair of the current model (flatten, select, prune and
+    compensate it on the first ``search_samples`` calibration sequences) and merge the pair whose model has
+    the lowest loss on them; the chosen merge is then redone on the whole calibration set. Costs about one
+    forward pass of the search set per pair per merge."""
+
+    recompute = True
+    trial = True
+
+    def __init__(self, search_samples: int = 4):
+        if isinstance(search_samples, bool) or not isinstance(search_samples, int) or search_samples < 1:
+            raise ValueError(f"search_samples must be a positive int, got {search_samples!r}")
+        self.search_samples = search_samples
+
+    def __repr__(self) -> str:
+        return f"TrialLoss(search_samples={self.search_samples})"
+
+    def next_merge(self, losses: Tensor, groups: list[Span]) -> int:
+        if len(groups) < 2:
+            raise ValueError("one group left: nothing to merge")
+        return int(torch.as_tensor(losses).argmin())
+
+
 POLICIES: Registry[Callable[..., PairPolicy]] = Registry("pair-selection policy")
 POLICIES.register("greedy", lambda **options: GreedySimilarity(recompute=False, **options))
 POLICIES.register("greedy-recompute", lambda **options: GreedySimilarity(recompute=True, **options))
 POLICIES.register("fixed", FixedSpans)
+POLICIES.register("trial-loss", TrialLoss)
 
 
 def get_policy(policy: str | PairPolicy, **options) -> PairPolicy:

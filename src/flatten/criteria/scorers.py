@@ -252,7 +252,7 @@ def _variant(**fixed):
 register_scorer("flattengpt", _variant())
 register_scorer("flattengpt+o", _variant(refit_o=True))
 register_scorer("flattengpt+o+seq", _variant(refit_o=True, target="sequential"))
-register_scorer("reconstruction", _variant(heads="reconstruction", refit_o=True, target="sequential"))
+register_scorer("reconstruction", _variant(heads="reconstruction", refit_o=True, target="sequential", ridge=1.0))
 register_scorer("magnitude", MagnitudeScorer)
 register_scorer("activation", ActivationScorer)
 register_scorer("random", RandomScorer)

@@ -1,7 +1,7 @@
 """The flatten-and-prune kernel and the model surgery around it."""
 
 from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, head_rows, kv_rows, prune_block, select_block
-from flatten.merge.surgery import remove_blocks, renumber_layers, replace_span
+from flatten.merge.surgery import remove_blocks, renumber_layers, replace_span, swapped_blocks
 
 __all__ = [
     "build_block",
@@ -15,4 +15,5 @@ __all__ = [
     "renumber_layers",
     "replace_span",
     "select_block",
+    "swapped_blocks",
 ]

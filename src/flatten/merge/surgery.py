@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from flatten.architectures import Architecture, architecture_for
@@ -73,3 +75,21 @@ def remove_blocks(model: nn.Module, indices, arch: Architecture | None = None) -
         del layers[index]
     renumber_layers(model, arch)
     return model
+
+
+@contextmanager
+def swapped_blocks(layers: nn.ModuleList, start: int, stop: int, replacement: list[nn.Module]):
+    """Blocks ``start..stop-1`` of ``layers`` replaced by ``replacement`` for the duration, for trial
+    forward passes without a KV cache (the config and ``layer_idx`` are not touched)."""
+    originals = [layers[i] for i in range(start, stop)]
+    for i in reversed(range(start, stop)):
+        del layers[i]
+    for offset, block in enumerate(replacement):
+        layers.insert(start + offset, block)
+    try:
+        yield
+    finally:
+        for _ in replacement:
+            del layers[start]
+        for offset, block in enumerate(originals):
+            layers.insert(start + offset, block)

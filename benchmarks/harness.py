@@ -1,0 +1,48 @@
+"""What the benchmark scripts share: the model, calibration set and perplexity protocol of one run."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from flatten import load_model, perplexity
+from flatten.data import LINE_JOIN, calibration_tokens, read_lines, tokenize, wikitext2_test_path
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    tokenizer: object
+    calibration: torch.Tensor
+    ppl: Callable[[torch.nn.Module], float]  # WikiText-2 test perplexity of a model
+    protocol: str  # the calibration and perplexity protocol, in words
+
+
+def setup(model_name: str, samples: int, seq_len: int, windows: int) -> Setup:
+    torch.manual_seed(0)
+    model, tokenizer = load_model(model_name)
+    calibration = calibration_tokens(tokenizer, samples=samples, seq_len=seq_len)
+    text = wikitext2_test_path()
+    if text is None:
+        sys.exit("needs the WikiText-2 test split at ../shared/data/wikitext-2-raw/wiki.test.raw")
+    eval_ids = tokenize(tokenizer, read_lines(text), max_tokens=windows * seq_len)
+
+    def ppl(m: torch.nn.Module) -> float:
+        return perplexity(m, eval_ids, seq_len=seq_len, max_windows=windows).value
+
+    protocol = (f"Calibration: {samples} x {seq_len} tokens of Wikipedia lead sections (seed 0). Perplexity: first "
+                f"{windows} non-overlapping windows of {seq_len} tokens of WikiText-2 test (`{text.name}`, non-empty "
+                f"lines joined by {LINE_JOIN!r}).")
+    return Setup(model, tokenizer, calibration, ppl, protocol)
+
+
+def publish(lines: list[str], append: str | None) -> None:
+    """Print a markdown section and, with ``append``, add it to the end of that file."""
+    section = "\n".join(lines) + "\n"
+    print("\n" + section)
+    if append:
+        with open(append, "a") as f:
+            f.write("\n" + section)
