@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 from flatten import count_parameters, save_checkpoint
-from flatten.baselines import _Baseline
+from flatten.baselines import Baseline
 from flatten.compressor import get_strategy
 from flatten.criteria import get_scorer
 from flatten.measure import PeakMemory, machine
@@ -57,7 +57,7 @@ def build(name: str, options: dict, model, calibration):
     parameters = inspect.signature(strategy.__init__).parameters
     accepted = set(parameters)
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # forwards **options to Compressor
-        accepted |= set(inspect.signature(_Baseline.__init__).parameters)
+        accepted |= set(inspect.signature(Baseline.__init__).parameters)
     own = {k: v for k, v in options.items() if k in accepted}
     rest = {k: v for k, v in options.items() if k not in accepted}
     if rest:

@@ -51,7 +51,7 @@ class Removal:
         return path
 
 
-class _Baseline(Compressor):
+class Baseline(Compressor):
     """Shared by the baselines: a search subset of the calibration data and the bookkeeping of indices."""
 
     def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
@@ -73,7 +73,7 @@ class _Baseline(Compressor):
 
 
 @register_strategy("shortgpt")
-class ShortGPT(_Baseline):
+class ShortGPT(Baseline):
     """ShortGPT (Men et al., 2024): delete the ``k`` blocks of lowest Block Influence,
     ``BI_i = 1 - E_tokens cos(x_i, y_i)`` (a block's input vs its output, token by token), measured once on
     the calibration data through the unchanged model."""
@@ -107,7 +107,7 @@ class ShortGPT(_Baseline):
 
 
 @register_strategy("sleb")
-class SLEB(_Baseline):
+class SLEB(Baseline):
     """SLEB (Song et al., 2024): ``k`` times, delete the block whose removal raises the calibration loss
     least, measured on the model as already pruned (``search_samples`` rows of the calibration data)."""
 
@@ -133,7 +133,7 @@ class SLEB(_Baseline):
 
 
 @register_strategy("laco")
-class LaCo(_Baseline):
+class LaCo(Baseline):
     """LaCo (Yang et al., 2024): walking down from the top, collapse ``collapse - 1`` following blocks into
     block ``l`` by adding their parameter differences, ``theta_l + sum_k (theta_{l+k} - theta_l)``, when the
     collapsed model's last hidden states stay within ``threshold`` cosine of the original's; then skip
@@ -235,7 +235,7 @@ class _Skipped(nn.Module):
 
 
 @register_strategy("blockpruner")
-class BlockPruner(_Baseline):
+class BlockPruner(Baseline):
     """BlockPruner (Zhong et al., 2024): remove attention and MLP sub-layers one at a time, each time the one
     whose removal raises the calibration loss least, until at least the parameters of ``k`` whole blocks
     are gone. A block left with neither is deleted; a removed sub-layer of a kept block is saved with zero
