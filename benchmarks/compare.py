@@ -22,7 +22,6 @@ from datetime import date
 from pathlib import Path
 
 from flatten import count_parameters, save_checkpoint
-from flatten.baselines import Baseline
 from flatten.compressor import get_strategy
 from flatten.criteria import get_scorer
 from flatten.measure import PeakMemory, machine
@@ -54,10 +53,7 @@ def build(name: str, options: dict, model, calibration):
     """The strategy ``name`` on ``model``; options its constructor does not take go to its scorer, e.g.
     ``flattengpt:scorer=reconstruction:ridge=0.1``."""
     strategy = get_strategy(name)
-    parameters = inspect.signature(strategy.__init__).parameters
-    accepted = set(parameters)
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # forwards **options to Compressor
-        accepted |= set(inspect.signature(Baseline.__init__).parameters)
+    accepted = set(inspect.signature(strategy.__init__).parameters)
     own = {k: v for k, v in options.items() if k in accepted}
     rest = {k: v for k, v in options.items() if k not in accepted}
     if rest:

@@ -145,8 +145,10 @@ class LaCo(Baseline):
     title = "LaCo (Yang et al., 2024)"
 
     def __init__(self, model: nn.Module, calibration: Tensor, collapse: int = 4, interval: int = 2,
-                 threshold: float = 0.65, step: float = 0.05, lowest: int | None = None, **options):
-        super().__init__(model, calibration, **options)
+                 threshold: float = 0.65, step: float = 0.05, lowest: int | None = None, batch_size: int = 4,
+                 device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress,
+                         search_samples=search_samples)
         if not isinstance(collapse, int) or collapse < 2:
             raise ValueError(f"collapse must be an int >= 2 (blocks merged into one), got {collapse!r}")
         if not isinstance(interval, int) or interval < 1:
