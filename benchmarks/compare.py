@@ -7,7 +7,8 @@
 A method is a registered strategy (``flatten.compressor.STRATEGIES``: flattengpt, shortgpt, sleb, laco,
 blockpruner) with optional ``:key=value`` options for its constructor (several joined by ``:``), e.g.
 ``flattengpt:scorer=magnitude:policy=greedy-recompute``; options the constructor does not take go to the
-scorer (``flattengpt:ridge=0.1``). Each runs on a fresh copy of the dense model.
+scorer (``flattengpt:ridge=0.1``), options prefixed ``policy.`` to the pair-selection policy
+(``flattengpt:policy=trial-loss:policy.shortlist=8``). Each runs on a fresh copy of the dense model.
 Prints a markdown section (command, machine, protocol, table); ``--append FILE`` also appends it to FILE.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from flatten import count_parameters, save_checkpoint
 from flatten.compressor import get_strategy
-from flatten.criteria import get_scorer
+from flatten.criteria import get_policy, get_scorer
 from flatten.measure import PeakMemory, machine
 from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 from harness import publish, setup
@@ -51,11 +52,15 @@ def parse_method(text: str) -> tuple[str, dict]:
 
 def build(name: str, options: dict, model, calibration):
     """The strategy ``name`` on ``model``; options its constructor does not take go to its scorer, e.g.
-    ``flattengpt:scorer=reconstruction:ridge=0.1``."""
+    ``flattengpt:scorer=reconstruction:ridge=0.1``, or with a ``policy.`` prefix to its pair-selection
+    policy, e.g. ``flattengpt:policy=trial-loss:policy.shortlist=8``."""
     strategy = get_strategy(name)
     accepted = set(inspect.signature(strategy.__init__).parameters)
     own = {k: v for k, v in options.items() if k in accepted}
-    rest = {k: v for k, v in options.items() if k not in accepted}
+    policy = {k.removeprefix("policy."): v for k, v in options.items() if k.startswith("policy.")}
+    if policy:
+        own["policy"] = get_policy(own.get("policy", "greedy"), **policy)
+    rest = {k: v for k, v in options.items() if k not in accepted and not k.startswith("policy.")}
     if rest:
         if "scorer" not in accepted:
             raise SystemExit(f"{name} takes no options {sorted(rest)}")

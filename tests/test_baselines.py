@@ -86,8 +86,19 @@ def test_laco_removes_k_blocks_above_its_lowest_layer(threshold):
         get_strategy("laco")(tiny_model(SPEC), CALIBRATION).compress(remove=3)
 
 
+def _without_sublayer(model, block, kind):
+    model = copy.deepcopy(model)
+    layer = model.model.layers[block]
+    with torch.no_grad():
+        (layer.self_attn.o_proj if kind == "attention" else layer.mlp.down_proj).weight.zero_()
+    return model
+
+
 def test_blockpruner_removes_sublayers_up_to_the_parameter_budget():
     model = tiny_model(SPEC)
+    losses = {(i, kind): mean_nll(_without_sublayer(model, i, kind), [CALIBRATION])
+              for i in range(6) for kind in ("attention", "mlp")}
+    first = min(losses, key=losses.get)
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     before = sum(p.numel() for p in model.parameters())
     model, record = get_strategy("blockpruner")(model, CALIBRATION, progress=False).compress(remove=2)
@@ -100,6 +111,8 @@ def test_blockpruner_removes_sublayers_up_to_the_parameter_budget():
         assert not output.weight.any()
     steps = record.scores["order"]
     assert len(steps) == len(record.zeroed) + 2 * len(record.removed)
+    assert (steps[0]["block"], steps[0]["sublayer"]) == first
+    assert steps[0]["loss"] == pytest.approx(losses[first], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner"])

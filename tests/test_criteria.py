@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatten import BlockPair, architecture_for
-from flatten.calibration import attention_stats, capture, mlp_stats
+from flatten.calibration import add_upper_gram, attention_stats, capture, mlp_stats, symmetric
 from flatten.criteria import (
     POLICIES,
     SCORERS,
@@ -67,6 +67,7 @@ def test_ridge_leverage_is_the_diagonal_of_the_hat_matrix(n, extra, seed, ridge)
     expected = torch.diagonal(c @ torch.linalg.inv(c + lam * torch.eye(n, dtype=torch.float64)))
     got = ridge_leverage(c, ridge)
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(ridge_leverage(c, ridge, block=max(1, n // 3)), expected)
     assert bool((got >= 0).all() and (got <= 1).all())
 
 
@@ -123,3 +124,13 @@ def test_registries_hold_the_documented_names():
         get_scorer("nope")
     with pytest.raises(ValueError, match="target must be 'wide' or 'sequential'"):
         get_scorer("flattengpt", target="output")
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 20), d=st.integers(1, 40), rows=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_the_gram_matrix_built_from_its_upper_triangle_is_the_full_product(n, d, rows, seed):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    add_upper_gram(gram, x, rows=rows)
+    add_upper_gram(gram, 2 * x, rows=rows)
+    torch.testing.assert_close(symmetric(gram), 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)

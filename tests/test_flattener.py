@@ -208,3 +208,32 @@ def test_trial_loss_merges_the_pair_whose_merge_hurts_the_loss_least():
     assert len(model.model.layers) == 3 and len(plan.method["trial_losses"][1]) == 3
     replayed = plan.apply(tiny_model(spec))
     torch.testing.assert_close(replayed(calibration).logits, model(calibration).logits)
+
+    flattener = Flattener(tiny_model(spec), search, batch_size=2, progress=False)  # shortlisted on the search set
+    neighbours = [float(flattener.similarity_matrix()[i, i + 1]) for i in range(4)]
+    shortlist = sorted(sorted(range(4), key=neighbours.__getitem__)[2:])  # the two most similar pairs
+    policy = get_policy("trial-loss", search_samples=2, shortlist=2)
+    _, plan = Flattener(tiny_model(spec), calibration, policy=policy, batch_size=2, progress=False).compress(remove=1)
+    tried = plan.method["trial_losses"][0]
+    assert [i for i, loss in enumerate(tried) if loss is not None] == shortlist
+    assert [tried[i] for i in shortlist] == pytest.approx([losses[i] for i in shortlist], rel=1e-9)
+
+
+def test_bfloat16_weights_give_the_float32_result_within_rounding():
+    """Statistics accumulate in float64 whatever the weight dtype: with the spans fixed, a bf16 model keeps
+    the same KV groups and nearly the same channels as its fp32 original, and stays bf16."""
+    spec = TinySpec("llama", hidden_multiple=4, num_kv_heads=2, group_size=2, head_dim=8, intermediate_size=48,
+                    num_layers=6, dtype=torch.float32)
+    calibration, spans = _calibration(samples=8, length=32, seed=1), FixedSpans([(1, 2), (3, 4)])
+    full = tiny_model(spec)
+    half = copy.deepcopy(full).to(torch.bfloat16)
+    full, plan32 = Flattener(full, calibration, policy=spans, progress=False).compress()
+    half, plan16 = Flattener(half, calibration, policy=spans, progress=False).compress()
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    for a, b in zip(plan32.merges, plan16.merges):
+        assert a.keep_groups == b.keep_groups
+        assert len(set(a.keep_channels) & set(b.keep_channels)) >= 0.9 * len(a.keep_channels)
+    ids = calibration[:2]
+    expected = full(input_ids=ids).logits
+    error = (half.float()(input_ids=ids).logits - expected).norm() / expected.norm()
+    assert error < 0.1

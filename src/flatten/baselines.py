@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from flatten.checkpoint import write_atomically
 from flatten.compressor import Compressor, register_strategy
-from flatten.evaluation import mean_nll
 from flatten.merge import remove_blocks, replace_span, swapped_blocks
 from flatten.models import count_parameters
 
@@ -119,11 +118,8 @@ class SLEB(Baseline):
         original = list(range(len(self.arch.layers_of(self.model))))
         removed, losses = [], []
         for _ in tqdm(range(k), desc="SLEB", unit="block", disable=not self.progress):
-            layers = self.arch.layers_of(self.model)
-            candidates = []
-            for i in range(len(layers)):
-                with swapped_blocks(layers, i, i + 1, []):
-                    candidates.append(mean_nll(self.model, self.search_batches))
+            # without block i: block i's input goes straight to block i + 1
+            candidates = [self._loss_from(hidden, i + 1, self.search_batches) for i, hidden, _ in self._block_inputs(self.search_batches)]
             best = min(range(len(candidates)), key=candidates.__getitem__)
             removed.append(original.pop(best))
             losses.append(candidates)
@@ -262,11 +258,11 @@ class BlockPruner(Baseline):
         with tqdm(total=budget, desc="BlockPruner", unit="param", unit_scale=True, disable=not self.progress) as bar:
             while removed_parameters < budget:
                 candidates = {}
-                for i in range(len(layers)):
+                for i, hidden, _ in self._block_inputs(self.search_batches):
                     for kind in self.KINDS:
                         if (i, kind) not in skipped:
                             with self._skipping(i, kind):
-                                candidates[(i, kind)] = mean_nll(self.model, self.search_batches)
+                                candidates[(i, kind)] = self._loss_from(hidden, i, self.search_batches)
                 best = min(candidates, key=candidates.get)
                 skipped[best] = self._skip(*best)
                 order.append({"block": best[0], "sublayer": best[1], "loss": candidates[best]})

@@ -110,6 +110,19 @@ def _tokens(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def add_upper_gram(gram: Tensor, x: Tensor, rows: int = 512) -> None:
+    """``gram += x^T x`` (``x``: tokens x d) on and above the diagonal only, in strips of ``rows`` rows:
+    about half the work of the full product. ``symmetric`` fills in the lower triangle afterwards."""
+    d = x.shape[1]
+    for a in range(0, d, rows):
+        gram[a : a + rows, a:] += (x[:, a : a + rows].T @ x[:, a:]).double()
+
+
+def symmetric(upper: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle ``upper`` holds."""
+    return upper.triu() + upper.triu(1).T
+
+
 @torch.no_grad()
 def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor],
                     calls: list) -> AttentionStats:
@@ -124,9 +137,9 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
     tokens = 0
 
     def hook(module, args):
-        nonlocal gram, contribution, tokens
+        nonlocal contribution, tokens
         o = _tokens(args[0]).float()
-        gram += (o.T @ o).double()
+        add_upper_gram(gram, o)
         per_head = o.view(-1, shape.num_heads, shape.head_dim)
         contribution += torch.einsum("nhi,hij,nhj->nh", per_head, head_gram, per_head).clamp_min(0).sqrt().sum(0).double()
         tokens += o.shape[0]
@@ -135,7 +148,7 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
     _run_until_stopped(wide, arch.o_proj, hook, hidden, calls)
     weights = {key: wide.get_submodule(path).weight.detach()
                for key, path in (("q", arch.q_proj), ("k", arch.k_proj), ("v", arch.v_proj), ("o", arch.o_proj))}
-    return AttentionStats(shape, weights, gram, contribution / tokens, tokens)
+    return AttentionStats(shape, weights, symmetric(gram), contribution / tokens, tokens)
 
 
 @torch.no_grad()
@@ -148,18 +161,18 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
     gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
     cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
     tokens = 0
-    residual: list[Tensor] = []
+    residual: list = [None, -1]  # the current batch's MLP-norm input, and the batch's index
 
     def norm_hook(module, args):
-        residual.append(args[0])
+        residual[0], residual[1] = args[0], residual[1] + 1
 
     def down_hook(module, args):
-        nonlocal gram, cross, tokens
+        nonlocal cross, tokens
         psi = _tokens(args[0]).float()
-        gram += (psi.T @ psi).double()
+        add_upper_gram(gram, psi)
         if cross is not None:
-            target = _tokens(targets[len(residual) - 1].to(psi.device)).float()
-            cross += (psi.T @ (target - _tokens(residual[-1]).float())).double()
+            target = _tokens(targets[residual[1]].to(psi.device)).float()
+            cross += (psi.T @ (target - _tokens(residual[0]).float())).double()
         tokens += psi.shape[0]
         raise _Stop
 
@@ -170,7 +183,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         handle.remove()
     weights = {key: half.get_submodule(path).weight.detach()
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
-    return MlpStats(shape, weights, gram, cross, tokens)
+    return MlpStats(shape, weights, symmetric(gram), cross, tokens)
 
 
 def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], calls: list) -> None:

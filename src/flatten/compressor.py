@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
 from flatten.calibration import LayerInputs, capture, on_device, run_block
+from flatten.evaluation import mean_nll
+from flatten.merge import swapped_blocks
 from flatten.models import count_parameters
 from flatten.registry import Registry
 
@@ -76,6 +78,38 @@ class Compressor:
     def _run(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
         with on_device(block, self.device):
             return run_block(block, hidden, calls, name=name)
+
+    def _block_inputs(self, batches: list[Tensor]):
+        """Yield ``(i, input of block i on batches, block i's other arguments)`` for every block, each input
+        computed from the last; between steps the caller may change the model from block ``i`` on, as long as
+        block ``i`` is as it was when the step ends."""
+        layers = self.arch.layers_of(self.model)
+        inputs = self._capture(batches)
+        hidden = inputs.hidden
+        for i in range(len(layers)):
+            yield i, hidden, inputs.calls[i]
+            if i + 1 < len(layers):
+                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+
+    def _loss_from(self, hidden: list[Tensor], stop: int, batches: list[Tensor], then: list[nn.Module] = ()) -> float:
+        """Mean NLL on ``batches`` of the model whose blocks ``0 .. stop-1`` are replaced by ``hidden`` (recorded
+        activations, one tensor per batch) followed by the blocks ``then``: a trial that changes blocks from
+        some point on is scored without running the blocks below it again."""
+        with swapped_blocks(self.arch.layers_of(self.model), 0, stop, [_Replay(hidden), *then]):
+            return mean_nll(self.model, batches)
+
+
+class _Replay(nn.Module):
+    """Stands in for the blocks below some point: returns recorded activations, one batch per call."""
+
+    def __init__(self, outputs: list[Tensor]):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return out.to(hidden_states.device)
 
 
 STRATEGIES: Registry[type[Compressor]] = Registry("strategy")

@@ -12,8 +12,8 @@ from flatten.calibration import attention_stats, input_similarity, mlp_stats
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
-from flatten.evaluation import mean_nll
-from flatten.merge import select_block, swapped_blocks
+from flatten.merge import select_block
+from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
@@ -51,6 +51,7 @@ class Flattener(Compressor):
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
         self.measure = SIMILARITIES.get(similarity)
+        self.watch = Stopwatch()  # seconds per phase of the last compress()
 
     def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
         if isinstance(self.policy, FixedSpans):
@@ -86,7 +87,7 @@ class Flattener(Compressor):
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Plan]:
         """Remove blocks by flattening; return the (same, now smaller) model and the plan."""
         k = self.blocks_to_remove(remove, ratio)
-        start = time.perf_counter()
+        start, self.watch = time.perf_counter(), Stopwatch()
         plan = Plan(model_signature(self.model), self._method())
         if self.policy.trial:
             self._compress_by_trial(k, plan)
@@ -95,6 +96,7 @@ class Flattener(Compressor):
         else:
             self._compress_one_shot(k, plan)
         plan.method["seconds"] = round(time.perf_counter() - start, 2)
+        plan.method["seconds_by_phase"] = self.watch.rounded()
         plan.method["parameters_after"] = count_parameters(self.model)
         return self.model, plan
 
@@ -105,21 +107,24 @@ class Flattener(Compressor):
                 "parameters_before": count_parameters(self.model)}
 
     def _compress_one_shot(self, k: int, plan: Plan) -> None:
-        inputs = self._capture()
         layers = self.arch.layers_of(self.model)
-        similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
-                                      progress=self.progress)
+        with self.watch("block inputs and similarity"):
+            inputs = self._capture()
+            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
+                                          progress=self.progress)
         plan.similarity = similarity.tolist()
         groups = self._greedy_groups(similarity, k)
         last = max(g for g, (a, c) in enumerate(groups) if c > a)
         hidden, position = inputs.hidden, 0
+        inputs.hidden = []  # only the boundary in hand stays in memory
         for g, (a, c) in enumerate(tqdm(groups[: last + 1], desc="flattening", unit="block", disable=not self.progress)):
             calls = inputs.calls[a]
             for j in range(a + 1, c + 1):
                 plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
             if g == last:
                 break
-            hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
+            with self.watch("running compressed blocks"):
+                hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
             position += 1
 
     def _compress_recomputing(self, k: int, plan: Plan) -> None:
@@ -144,16 +149,18 @@ class Flattener(Compressor):
         spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
         plan.method["trial_losses"] = []
         for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
-            inputs = self._capture(search)
             layers = self.arch.layers_of(self.model)
-            hidden, losses = inputs.hidden, []
-            for i in range(len(layers) - 1):
-                block, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, inputs.calls[i])
-                with swapped_blocks(layers, i, i + 2, [block]):
-                    losses.append(mean_nll(self.model, search))
-                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+            tried = self._shortlist(search, len(layers) - 1)
+            losses = [float("inf")] * (len(layers) - 1)
+            for i, hidden, calls in self._block_inputs(search):
+                if i in tried:
+                    block, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, calls)
+                    with self.watch("trial losses"):
+                        losses[i] = self._loss_from(hidden, i + 2, search, then=[block])
+                if i >= max(tried):
+                    break
             b = self.policy.next_merge(torch.tensor(losses), spans)
-            plan.method["trial_losses"].append(losses)
+            plan.method["trial_losses"].append([x if x < float("inf") else None for x in losses])
             inputs = self._capture()
             hidden = inputs.hidden
             for i in range(b):
@@ -161,6 +168,18 @@ class Flattener(Compressor):
             span = (spans[b][0], spans[b + 1][1])
             plan.merges.append(self._merge(b, span, None, hidden, inputs.calls[b]))
             spans[b : b + 2] = [span]
+
+    def _shortlist(self, search: list[Tensor], pairs: int) -> set[int]:
+        """Positions of the adjacent pairs to try: all, or the policy's ``shortlist`` most similar ones."""
+        shortlist = getattr(self.policy, "shortlist", None)
+        if shortlist is None or shortlist >= pairs:
+            return set(range(pairs))
+        with self.watch("block inputs and similarity"):
+            inputs = self._capture(search)
+            similarity = input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls,
+                                          self.measure, self.device)
+        neighbours = torch.tensor([float(similarity[i, i + 1]) for i in range(pairs)])
+        return set(neighbours.argsort(descending=True, stable=True)[:shortlist].tolist())
 
     def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list) -> Merge:
         """Flatten blocks ``position`` and ``position + 1``, choose what to keep on ``hidden`` (their input
@@ -184,20 +203,32 @@ class Flattener(Compressor):
             shape = arch.block_shape(wide, config)
             return wide, Merge(position, span, similarity, list(range(shape.num_kv_heads)),
                                list(range(shape.intermediate_size)))
-        wide = pair.flatten().to(self.device)
+        watch = self.watch
+        with watch("flatten and prune"):
+            wide = pair.flatten().to(self.device)
         shape = arch.block_shape(wide, config)
 
-        attention = attention_stats(wide, arch, shape, hidden, calls)
-        groups = self.scorer.select_groups(attention, want.num_kv_heads)
+        with watch("attention statistics"):
+            attention = attention_stats(wide, arch, shape, hidden, calls)
+        with watch("selection and refits"):
+            groups = self.scorer.select_groups(attention, want.num_kv_heads)
         del attention
-        half = select_block(wide, arch, config, position, groups.keep, range(shape.intermediate_size), o_proj=groups.weight)
+        with watch("flatten and prune"):
+            half = select_block(wide, arch, config, position, groups.keep, range(shape.intermediate_size),
+                                o_proj=groups.weight)
         targets = None
         if self.scorer.needs_target:
-            targets = self._run(pair.second, self._run(pair.first, hidden, calls, "first block"), calls, "second block")
-        mlp = mlp_stats(half, arch, shape, hidden, calls, targets)
-        channels = self.scorer.select_channels(mlp, want.intermediate_size)
+            with watch("targets: the two original blocks"):
+                targets = self._run(pair.second, self._run(pair.first, hidden, calls, "first block"), calls,
+                                    "second block")
+        with watch("MLP statistics"):
+            mlp = mlp_stats(half, arch, shape, hidden, calls, targets)
+        with watch("selection and refits"):
+            channels = self.scorer.select_channels(mlp, want.intermediate_size)
         del mlp, half, targets
         merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
                       None if groups.weight is None else groups.weight.to(home),
                       None if channels.weight is None else channels.weight.to(home))
-        return pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home), merge
+        with watch("flatten and prune"):
+            block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home)
+        return block, merge

@@ -6,6 +6,7 @@ import os
 import platform
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +54,45 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, _rss_bytes())
         if torch.cuda.is_available():
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated()
+
+
+class Stopwatch:
+    """Seconds spent per named phase, summed over repeats: ``with watch("phase"): ...``; ``watch.seconds``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(s, 2) for phase, s in self.seconds.items()}
+
+
+def memory_budget(config, tokens: int, weight_bytes: int = 2) -> dict[str, int]:
+    """Bytes the compute device needs besides what it is given to hold of the model, by part, when
+    ``Flattener(device=...)`` compresses a model of ``config`` on ``tokens`` calibration tokens: one wide
+    block, one block boundary's activations (the Flattener holds up to three at once: the
+    wide block's input and the two original blocks' outputs, its targets), the float64 statistics of a wide block (attention and MLP
+    Gram matrices, MLP cross term), and the Cholesky factor of the MLP Gram matrix while channels are
+    selected. Weights of ``weight_bytes`` each (2 for bf16); activations in that dtype."""
+    from flatten.architectures import architecture_for
+
+    arch = architecture_for(config)
+    shape = arch.shape_of(config)
+    hidden = config.hidden_size
+    attention_width, channels = 2 * shape.num_heads * shape.head_dim, 2 * shape.intermediate_size
+    block = (hidden * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim  # q, k, v
+             + shape.num_heads * shape.head_dim * hidden + 3 * hidden * shape.intermediate_size)
+    return {"wide block": 2 * block * weight_bytes,
+            "activations (3 boundaries)": 3 * tokens * hidden * weight_bytes,
+            "statistics": 8 * (attention_width**2 + channels**2 + channels * hidden),
+            "channel selection": 8 * channels**2}
 
 
 def machine() -> str:

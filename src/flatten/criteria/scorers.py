@@ -80,12 +80,25 @@ def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge
     return solved.T.to(weight.dtype)
 
 
-def ridge_leverage(gram: Tensor, ridge: float) -> Tensor:
-    """``diag(C (C + lam I)^-1) = 1 - lam diag((C + lam I)^-1)``, ``lam = ridge * mean eigenvalue``."""
+def ridge_leverage(gram: Tensor, ridge: float, block: int = 1024) -> Tensor:
+    """``diag(C (C + lam I)^-1) = 1 - lam diag((C + lam I)^-1)``, ``lam = ridge * mean eigenvalue``.
+
+    With ``C + lam I = L L^T``, ``diag((C + lam I)^-1)`` holds the squared column norms of ``L^-1``, found
+    ``block`` columns at a time (column ``i`` of ``L^-1`` is zero above row ``i``): memory of one n x n
+    matrix besides ``gram``: the factor, computed in place of a shifted copy."""
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factor = torch.linalg.cholesky(gram + lam * eye)
-    return 1 - lam * torch.cholesky_inverse(factor).diagonal()
+    factor = gram.clone()
+    factor.diagonal().add_(lam)
+    torch.linalg.cholesky(factor, out=factor)
+    n = gram.shape[0]
+    inverse_diagonal = torch.empty(n, dtype=gram.dtype, device=gram.device)
+    for a in range(0, n, block):
+        b = min(block, n - a)
+        unit = torch.zeros(n - a, b, dtype=gram.dtype, device=gram.device)
+        unit[:b].fill_diagonal_(1)
+        columns = torch.linalg.solve_triangular(factor[a:, a:], unit, upper=False)
+        inverse_diagonal[a : a + b] = columns.square().sum(0)
+    return 1 - lam * inverse_diagonal
 
 
 class ChannelScorer:
@@ -145,18 +158,26 @@ class FlattenGPTScorer(ChannelScorer):
         cross = stats.gram @ stats.weights["o"].double().T
         return ridge_refit(stats.gram, cross, rows, stats.weights["o"], self.o_ridge)
 
-    def _reconstruction_error(self, stats: AttentionStats, keep: list[int]) -> float:
-        """Squared error of the attention output (summed over tokens) when only ``keep`` groups remain."""
+    def _reconstruction_errors(self, stats: AttentionStats, candidates: list[list[int]]) -> list[float]:
+        """Squared error of the attention output (summed over tokens) when only the groups of a candidate
+        remain, for each candidate."""
         w = stats.weights["o"].double()
-        rows = torch.cat([stats.group_rows(g) for g in keep])
-        if not self.refit_o:
-            dropped = torch.tensor(sorted(set(range(w.shape[1])) - set(rows.tolist())), dtype=torch.long)
-            return float(torch.einsum("oi,ij,oj->", w[:, dropped], stats.gram[dropped][:, dropped], w[:, dropped]))
-        total = float(torch.einsum("oi,ij,oj->", w, stats.gram, w))
-        cross = (stats.gram @ w.T)[rows]
-        lam = self.o_ridge * stats.gram.diagonal().mean()
-        g = stats.gram[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64, device=stats.gram.device)
-        return total - float((cross * torch.linalg.solve(g, cross)).sum())
+        if self.refit_o:
+            total = float(torch.einsum("oi,ij,oj->", w, stats.gram, w))
+            cross_all = stats.gram @ w.T
+            lam = self.o_ridge * stats.gram.diagonal().mean()
+        errors = []
+        for keep in candidates:
+            rows = torch.cat([stats.group_rows(g) for g in keep])
+            if not self.refit_o:
+                dropped = torch.tensor(sorted(set(range(w.shape[1])) - set(rows.tolist())), dtype=torch.long)
+                errors.append(float(torch.einsum("oi,ij,oj->", w[:, dropped], stats.gram[dropped][:, dropped],
+                                                 w[:, dropped])))
+                continue
+            cross = cross_all[rows]
+            g = stats.gram[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64, device=stats.gram.device)
+            errors.append(total - float((cross * torch.linalg.solve(g, cross)).sum()))
+        return errors
 
     def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
         if self.heads == "contribution":
@@ -164,7 +185,7 @@ class FlattenGPTScorer(ChannelScorer):
         else:
             kept_list = list(range(stats.shape.num_kv_heads))
             while len(kept_list) > keep:
-                errors = [self._reconstruction_error(stats, [g for g in kept_list if g != drop]) for drop in kept_list]
+                errors = self._reconstruction_errors(stats, [[g for g in kept_list if g != drop] for drop in kept_list])
                 kept_list.pop(min(range(len(errors)), key=errors.__getitem__))
             kept = torch.tensor(kept_list, dtype=torch.long)
         return Choice(kept, self._refit_o(stats, kept) if self.refit_o else None)
