@@ -27,7 +27,7 @@ from flatten.compressor import get_strategy
 from flatten.criteria import get_policy, get_scorer
 from flatten.measure import PeakMemory, machine
 from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
-from harness import publish, setup
+from harness import forward_seconds, publish, setup
 
 GIB = 2**30
 
@@ -116,6 +116,7 @@ def main() -> None:
     run = setup(args.model, args.samples, args.seq_len, args.windows)
     model, calibration, ppl = run.model, run.calibration, run.ppl
     layers = model.config.num_hidden_layers
+    forward = forward_seconds(model, calibration, batch_size=4)
 
     def measure(m, **row) -> dict:
         row.update(layers=len(m.model.layers), ppl=ppl(m))
@@ -156,15 +157,17 @@ def main() -> None:
              f"{run.protocol} Strategies with `search_samples=N` search on the first N calibration sequences. "
              "Parameters: those that still compute (BlockPruner keeps "
              "removed sub-layers as zero weights in its stock checkpoint). Peak memory: resident set of the process "
-             f"during compression (it holds the dense model too).{zero_shot_note}", "",
+             f"during compression (it holds the dense model too). Compress / forward: compression time over "
+             f"that of one forward pass of the dense model over the calibration set ({forward:.1f} s, batches of 4, "
+             f"best of two).{zero_shot_note}", "",
              "| method | removed | layers | parameters | WikiText-2 ppl |"
              + "".join(f" {t} |" for t in task_columns) + (" zero-shot mean |" if tasks else "")
-             + " compress s | peak RSS GiB | what it did |",
-             "|---" * (8 + len(task_columns) + bool(tasks)) + "|"]
+             + " compress s | compress / forward | peak RSS GiB | what it did |",
+             "|---" * (9 + len(task_columns) + bool(tasks)) + "|"]
     for r in rows:
         scores = "".join(f" {s.value:.3f} |" for s in r["zero_shot"].scores) + f" {r['zero_shot'].mean:.3f} |" \
             if tasks else ""
-        seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        seconds = " | " if r["seconds"] is None else f"{r['seconds']:.1f} | {r['seconds'] / forward:.1f}"
         peak = "" if r["peak"] is None else f"{r['peak'] / GIB:.2f}"
         lines.append(f"| {r['method']} | {r['remove']} | {r['layers']} | {r['parameters']:,} | {r['ppl']:.2f} |{scores} "
                      f"{seconds} | {peak} | {r['what']} |")

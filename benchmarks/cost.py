@@ -1,8 +1,9 @@
 """What compression costs: time as a multiple of one forward pass over the calibration set, and peak memory
-against the budget of the method (weights + one wide block + a few block boundaries' activations + the
-statistics of one wide block and the workspace of its channel selection). Rows vary the calibration size (at the largest number of blocks removed) and
-the number of blocks removed (at the largest calibration size); each row also gives the compressed model's
-WikiText-2 perplexity, so the calibration rows are the calibration-size ablation too.
+against the budget of the method (``flatten.measure.memory_budget``: one wide block, a few block boundaries'
+activations, the statistics of one wide block and the workspace of its channel selection, every block's input
+for one batch). Rows vary the calibration size (at the largest number of blocks removed) and the number of
+blocks removed (at the largest calibration size); each row also gives the compressed model's WikiText-2
+perplexity, so the calibration rows are the calibration-size ablation too.
 
     python benchmarks/cost.py --model smollm2-135m --samples 8,16,32 --remove 2,4,6 --append benchmarks/RESULTS.md
 
@@ -17,26 +18,11 @@ import sys
 import time
 from datetime import date
 
-import torch
-
 from flatten import Flattener
 from flatten.measure import PeakMemory, machine, memory_budget
-from harness import publish, setup
+from harness import forward_seconds, publish, setup
 
 MIB = 2**20
-
-
-def forward_seconds(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int) -> float:
-    """One forward pass of ``model`` over the calibration set (the best of two, after a warm-up batch)."""
-    best = float("inf")
-    with torch.no_grad():
-        model(input_ids=calibration[:1], use_cache=False)
-        for _ in range(2):
-            start = time.perf_counter()
-            for ids in calibration.split(batch_size):
-                model(input_ids=ids, use_cache=False)
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -67,7 +53,8 @@ def main() -> None:
             start = time.perf_counter()
             _, plan = Flattener(model, calib, batch_size=args.batch_size, progress=False).compress(remove=k)
             seconds = time.perf_counter() - start
-        budget = memory_budget(dense.config, s * args.seq_len, next(dense.parameters()).element_size())
+        budget = memory_budget(dense.config, s * args.seq_len, args.batch_size * args.seq_len,
+                               next(dense.parameters()).element_size())
         phases = plan.method["seconds_by_phase"]
         top = sorted(phases, key=phases.get, reverse=True)[:3]
         rows.append((s * args.seq_len, k, run.ppl(model), forward, seconds, (memory.peak_bytes - memory.baseline_bytes) / MIB,
@@ -81,9 +68,10 @@ def main() -> None:
              run.protocol + " A row with fewer calibration samples uses the first ones of that set.", "",
              "Forward: one pass of the original model over the same calibration set (batches of "
              f"{args.batch_size}, best of two). Extra memory: peak resident memory during `compress` minus that "
-             "just before it (the model already loaded). Budget: one wide block + one block boundary's "
-             "activations + a wide block's statistics in float64 (attention and MLP Gram matrices, MLP cross "
-             "term).", "",
+             "just before it (the model already loaded). Budget: `flatten.measure.memory_budget`, the sum of one "
+             "wide block, three block boundaries' activations, a wide block's statistics in float64 (attention "
+             "and MLP Gram matrices, MLP cross term), the Cholesky factor of channel selection, and every "
+             "block's input for one batch (the similarity that plans the merges).", "",
              f"Dense perplexity: {run.ppl(dense):.2f}.", "",
              "| calibration tokens | removed | WikiText-2 ppl | forward s | compress s | compress / forward | extra memory MiB "
              "| budget MiB | where the time went |",

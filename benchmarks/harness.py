@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,3 +47,16 @@ def publish(lines: list[str], append: str | None) -> None:
     if append:
         with open(append, "a") as f:
             f.write("\n" + section)
+
+
+def forward_seconds(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int) -> float:
+    """One forward pass of ``model`` over the calibration set (the best of two, after a warm-up batch)."""
+    best = float("inf")
+    with torch.no_grad():
+        model(input_ids=calibration[:1], use_cache=False)
+        for _ in range(2):
+            start = time.perf_counter()
+            for ids in calibration.split(batch_size):
+                model(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - start)
+    return best

@@ -127,10 +127,13 @@ def test_registries_hold_the_documented_names():
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 20), d=st.integers(1, 40), rows=st.integers(1, 16), seed=st.integers(0, 1000))
-def test_the_gram_matrix_built_from_its_upper_triangle_is_the_full_product(n, d, rows, seed):
+@given(n=st.integers(1, 20), d=st.integers(1, 40), rows=st.integers(1, 16), fill_rows=st.integers(1, 16),
+       seed=st.integers(0, 1000))
+def test_the_gram_matrix_built_from_its_upper_triangle_is_the_full_product(n, d, rows, fill_rows, seed):
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
     gram = torch.zeros(d, d, dtype=torch.float64)
     add_upper_gram(gram, x, rows=rows)
     add_upper_gram(gram, 2 * x, rows=rows)
-    torch.testing.assert_close(symmetric(gram), 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
+    full = symmetric(gram, rows=fill_rows)
+    assert full is gram  # filled in place
+    torch.testing.assert_close(full, 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)

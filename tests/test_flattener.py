@@ -237,3 +237,34 @@ def test_bfloat16_weights_give_the_float32_result_within_rounding():
     expected = full(input_ids=ids).logits
     error = (half.float()(input_ids=ids).logits - expected).norm() / expected.norm()
     assert error < 0.1
+
+
+@pytest.mark.parametrize("policy", ["greedy", "greedy-recompute", "trial-loss"])
+def test_an_interrupted_compression_resumes_to_the_same_weights(policy, tmp_path, monkeypatch):
+    original, calibration, checkpoint = tiny_model(SPEC), _calibration(), tmp_path / "progress.json"
+    whole, plan = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False).compress(remove=3)
+
+    merge, merged = Flattener._merge, []
+
+    def interrupted_after_two(self, *args):
+        if len(merged) == 2:
+            raise KeyboardInterrupt
+        merged.append(args[1])
+        return merge(self, *args)
+
+    monkeypatch.setattr(Flattener, "_merge", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
+                  checkpoint=checkpoint).compress(remove=3)
+    monkeypatch.undo()
+    assert [tuple(m.span) for m in Plan.load(checkpoint).merges] == merged
+
+    for changed, says in [({"calibration": _calibration(seed=1)}, "calibration"), ({"remove": 2}, "remove 3, now 2")]:
+        with pytest.raises(ValueError, match=says):
+            Flattener(copy.deepcopy(original), changed.get("calibration", calibration), policy=policy,
+                      progress=False, checkpoint=checkpoint).compress(remove=changed.get("remove", 3))
+
+    resumed, again = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
+                               checkpoint=checkpoint).compress(remove=3)
+    assert _same_weights(resumed, whole) and again.spans == plan.spans
+    assert Plan.load(checkpoint).removed == 3

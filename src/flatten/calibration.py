@@ -118,9 +118,16 @@ def add_upper_gram(gram: Tensor, x: Tensor, rows: int = 512) -> None:
         gram[a : a + rows, a:] += (x[:, a : a + rows].T @ x[:, a:]).double()
 
 
-def symmetric(upper: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle ``upper`` holds."""
-    return upper.triu() + upper.triu(1).T
+def symmetric(upper: Tensor, rows: int = 512) -> Tensor:
+    """Make ``upper`` the symmetric matrix whose upper triangle it holds, in place (copying strips of
+    ``rows`` rows, never the whole matrix), and return it."""
+    n = upper.shape[0]
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        square = upper[a:b, a:b]
+        square.copy_(square.triu() + square.triu(1).T)
+        upper[b:, a:b] = upper[a:b, b:].T
+    return upper
 
 
 @torch.no_grad()
@@ -209,14 +216,14 @@ def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_la
     total = torch.zeros(count, count, dtype=torch.float64)
     tokens = 0
     for b, x in enumerate(tqdm(hidden, desc="block-input similarity", unit="batch", disable=not progress)):
-        units = []
+        units = []  # the unit-normalised inputs of the layers so far, for this batch
         for i, layer in enumerate(layers):
-            units.append(torch.nn.functional.normalize(_tokens(x).float(), dim=-1))
+            unit = torch.nn.functional.normalize(_tokens(x).float(), dim=-1)
+            units.append(unit)
+            for j, other in enumerate(units):
+                total[i, j] = total[j, i] = total[i, j] + measure(torch.linalg.vecdot(other, unit)).sum().double().cpu()
             args, kwargs = calls_per_layer[i][b]
             with on_device(layer, device or x.device):
                 x = _output(layer(x, *args, **kwargs))
-        stacked = torch.stack(units)  # L x n x d
-        cos = torch.einsum("ind,jnd->ijn", stacked, stacked)
-        total += measure(cos).sum(-1).double().cpu()
-        tokens += stacked.shape[1]
+        tokens += units[0].shape[0]
     return total / tokens

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--strategy", default="flattengpt",
                           help="flattengpt (default) or a baseline: shortgpt, sleb, laco, blockpruner")
     compress.add_argument("--scorer", default=None, help="flattengpt's channel scorer (default 'reconstruction')")
+    compress.add_argument("--checkpoint", default=None, metavar="FILE",
+                          help="flattengpt: save the progress into this plan file after every merge; if it exists, "
+                          "resume from it (same command, same result as an uninterrupted run)")
     _add_selection(compress)
     _add_calibration(compress)
     _add_device(compress)
@@ -240,9 +243,10 @@ def run_compress(args) -> None:
     strategy = get_strategy(args.strategy)
     options = {"batch_size": args.batch_size, "device": device, "progress": not args.quiet}
     if args.strategy == "flattengpt":
-        options.update(policy=_policy(args), similarity=args.similarity, **({"scorer": args.scorer} if args.scorer else {}))
-    elif args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine":
-        raise ValueError("--scorer, --policy, --spans and --similarity go with --strategy flattengpt")
+        options.update(policy=_policy(args), similarity=args.similarity, checkpoint=args.checkpoint,
+                       **({"scorer": args.scorer} if args.scorer else {}))
+    elif args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine" or args.checkpoint:
+        raise ValueError("--scorer, --policy, --spans, --similarity and --checkpoint go with --strategy flattengpt")
     model, tokenizer = _load(args.model, args.dtype)
     calibration, calibration_about = _calibration(args, tokenizer)
     compressor = strategy(model, calibration, **options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,11 @@ class Flattener(Compressor):
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
     the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
     saved; spans of two blocks only).
+
+    ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
+    resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after
+    them, to the same weights as a run that was never interrupted. It must come from the same model,
+    calibration data, options and number of blocks to remove, or it is refused.
     """
 
     name = "flattengpt"
@@ -43,9 +50,13 @@ class Flattener(Compressor):
 
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True, prune: bool = True):
+                 device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
+                 checkpoint: str | Path | None = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         self.prune = bool(prune)
+        if checkpoint is not None and not self.prune:
+            raise ValueError("flatten-only blocks (prune=False) cannot be replayed from a plan: no checkpoint")
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
@@ -88,13 +99,14 @@ class Flattener(Compressor):
         """Remove blocks by flattening; return the (same, now smaller) model and the plan."""
         k = self.blocks_to_remove(remove, ratio)
         start, self.watch = time.perf_counter(), Stopwatch()
-        plan = Plan(model_signature(self.model), self._method())
+        plan = Plan(model_signature(self.model), {**self._method(), "remove": k})
+        done = self._resume(plan)
         if self.policy.trial:
-            self._compress_by_trial(k, plan)
+            self._compress_by_trial(k, plan, done)
         elif self.policy.recompute:
-            self._compress_recomputing(k, plan)
+            self._compress_recomputing(k, plan, done)
         else:
-            self._compress_one_shot(k, plan)
+            self._compress_one_shot(k, plan, done)
         plan.method["seconds"] = round(time.perf_counter() - start, 2)
         plan.method["seconds_by_phase"] = self.watch.rounded()
         plan.method["parameters_after"] = count_parameters(self.model)
@@ -103,33 +115,45 @@ class Flattener(Compressor):
     def _method(self) -> dict:
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
                 "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
-                "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1]},
+                "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
+                                "sha256": hashlib.sha256(self.calibration.cpu().numpy().tobytes()).hexdigest()},
                 "parameters_before": count_parameters(self.model)}
 
-    def _compress_one_shot(self, k: int, plan: Plan) -> None:
+    def _compress_one_shot(self, k: int, plan: Plan, done: int) -> None:
         layers = self.arch.layers_of(self.model)
         with self.watch("block inputs and similarity"):
             inputs = self._capture()
-            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
-                                          progress=self.progress)
-        plan.similarity = similarity.tolist()
+            if plan.similarity is None:
+                plan.similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure,
+                                                   self.device, progress=self.progress).tolist()
+                self._save_progress(plan)
+        similarity = torch.tensor(plan.similarity, dtype=torch.float64)
         groups = self._greedy_groups(similarity, k)
         last = max(g for g, (a, c) in enumerate(groups) if c > a)
-        hidden, position = inputs.hidden, 0
+        hidden, position, step = inputs.hidden, 0, 0
         inputs.hidden = []  # only the boundary in hand stays in memory
         for g, (a, c) in enumerate(tqdm(groups[: last + 1], desc="flattening", unit="block", disable=not self.progress)):
             calls = inputs.calls[a]
             for j in range(a + 1, c + 1):
-                plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
+                if step < done:
+                    self._replay(plan.merges[step], position, (a, j))
+                else:
+                    plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
+                    self._save_progress(plan)
+                step += 1
             if g == last:
                 break
             with self.watch("running compressed blocks"):
                 hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
             position += 1
 
-    def _compress_recomputing(self, k: int, plan: Plan) -> None:
+    def _compress_recomputing(self, k: int, plan: Plan, done: int) -> None:
         spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
-        for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
+        for step in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
+            if step < done:
+                merge = plan.merges[step]
+                spans[merge.position : merge.position + 2] = [self._replay(merge, merge.position, None)]
+                continue
             inputs = self._capture()
             layers = self.arch.layers_of(self.model)
             similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
@@ -143,12 +167,17 @@ class Flattener(Compressor):
             span = (spans[b][0], spans[b + 1][1])
             plan.merges.append(self._merge(b, span, float(similarity[b, b + 1]), hidden, inputs.calls[b]))
             spans[b : b + 2] = [span]
+            self._save_progress(plan)
 
-    def _compress_by_trial(self, k: int, plan: Plan) -> None:
+    def _compress_by_trial(self, k: int, plan: Plan, done: int) -> None:
         search = list(self.calibration[: self.policy.search_samples].split(self.batch_size))
         spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
-        plan.method["trial_losses"] = []
-        for _ in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
+        plan.method.setdefault("trial_losses", [])
+        for step in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
+            if step < done:
+                merge = plan.merges[step]
+                spans[merge.position : merge.position + 2] = [self._replay(merge, merge.position, None)]
+                continue
             layers = self.arch.layers_of(self.model)
             tried = self._shortlist(search, len(layers) - 1)
             losses = [float("inf")] * (len(layers) - 1)
@@ -168,6 +197,39 @@ class Flattener(Compressor):
             span = (spans[b][0], spans[b + 1][1])
             plan.merges.append(self._merge(b, span, None, hidden, inputs.calls[b]))
             spans[b : b + 2] = [span]
+            self._save_progress(plan)
+
+    def _resume(self, plan: Plan) -> int:
+        """Take the merges (and similarity, trial losses) of the checkpoint, if there is one, into ``plan``;
+        return how many merges it holds. They are replayed on the model where the run reaches them."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return 0
+        saved = Plan.load(self.checkpoint)
+        if saved.model != plan.model:
+            raise ValueError(f"the checkpoint {self.checkpoint} was made for another model ({saved.model}), "
+                             f"not this one ({plan.model})")
+        differ = sorted(key for key, value in plan.method.items() if saved.method.get(key) != value)
+        if differ:
+            raise ValueError(f"the checkpoint {self.checkpoint} was made with other settings: "
+                             + "; ".join(f"{key} {saved.method.get(key)!r}, now {plan.method[key]!r}" for key in differ)
+                             + ". Use the same settings to resume it, or another checkpoint file.")
+        plan.similarity, plan.merges = saved.similarity, saved.merges
+        if "trial_losses" in saved.method:
+            plan.method["trial_losses"] = saved.method["trial_losses"]
+        return len(saved.merges)
+
+    def _replay(self, merge: Merge, position: int, span: Span | None) -> Span:
+        """Apply a merge taken from the checkpoint where the run has reached it; return its span."""
+        if merge.position != position or (span is not None and tuple(merge.span) != span):
+            raise ValueError(f"the checkpoint {self.checkpoint} does not follow this run's plan: it merged span "
+                             f"{merge.span} at block {merge.position}, this run merges {span} at block {position}")
+        with self.watch("replaying the checkpoint"):
+            merge.apply(self.model)
+        return tuple(merge.span)
+
+    def _save_progress(self, plan: Plan) -> None:
+        if self.checkpoint is not None:
+            plan.save(self.checkpoint)
 
     def _shortlist(self, search: list[Tensor], pairs: int) -> set[int]:
         """Positions of the adjacent pairs to try: all, or the policy's ``shortlist`` most similar ones."""
