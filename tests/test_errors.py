@@ -119,3 +119,16 @@ def test_an_existing_output_is_not_overwritten(model, tmp_path):
     save_checkpoint(model, out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_blocks_that_are_not_pre_norm_or_heads_that_do_not_split_into_groups(model):
+    from flatten import Flattener
+
+    calibration = torch.zeros(2, 8, dtype=torch.long)
+    model.config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"):
+        Flattener(model, calibration)
+    model.config.num_key_value_heads = 2
+    del model.model.layers[2].post_attention_layernorm
+    with pytest.raises(ValueError, match="has no 'post_attention_layernorm': it is not a pre-norm block"):
+        Flattener(model, calibration)

@@ -89,6 +89,9 @@ class Architecture:
         """The block shape the config declares."""
         heads = getattr(config, self.num_heads_field)
         kv_heads = getattr(config, self.num_kv_heads_field, None) or heads
+        if heads % kv_heads:
+            raise ValueError(f"{self.num_heads_field} = {heads} is not a multiple of {self.num_kv_heads_field} = "
+                             f"{kv_heads}: the query heads must split evenly into KV groups")
         head_dim = getattr(config, self.head_dim_field, None) or config.hidden_size // heads
         return BlockShape(heads, kv_heads, head_dim, getattr(config, self.intermediate_size_field))
 

@@ -15,7 +15,7 @@ from flatten.architectures import architecture_for
 from flatten.calibration import LayerInputs, capture, on_device, run_block
 from flatten.evaluation import mean_nll
 from flatten.merge import swapped_blocks
-from flatten.models import count_parameters
+from flatten.models import count_parameters, resolve_device
 from flatten.registry import Registry
 
 
@@ -44,13 +44,16 @@ class Compressor:
                  device: str | torch.device | None = None, progress: bool = True):
         self.model = model
         self.arch = architecture_for(model)
+        self.arch.shape_of(model.config)  # the heads split evenly into KV groups
+        for block in self.arch.layers_of(model):
+            self.arch.check_block(block)  # pre-norm blocks with the parts the architecture names
         check_calibration(model, calibration)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.calibration, self.batch_size = calibration, batch_size
         self.batches = list(calibration.split(batch_size))
         self.progress = progress
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = resolve_device(device) if device is not None else next(model.parameters()).device
 
     def blocks_for_ratio(self, ratio: float) -> int:
         """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""

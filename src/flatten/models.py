@@ -92,8 +92,11 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
         where, kwargs = str(path.parent), {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as error:  # transformers and safetensors raise many kinds for a missing or damaged model
+        raise ValueError(f"cannot load a model and tokenizer from {source}: {type(error).__name__}: {error}") from error
     make_serializable(model)
     return model.to(device).eval(), tokenizer
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
@@ -78,13 +80,18 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON at ``path``, and compensation weights (if any) beside it as
-        ``<path>.safetensors``; each file is written whole or not at all."""
+        ``<path>.<digest>.safetensors``. The JSON is written last and names its weights file, so an
+        interrupted save leaves the previous plan at ``path`` whole, with its own weights."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {f"merges.{i}.{name}": getattr(m, name).detach().cpu().contiguous()
                    for i, m in enumerate(self.merges) for name in ("o_proj", "down_proj") if getattr(m, name) is not None}
-        weights = path.with_name(path.name + ".safetensors")
+        digest = hashlib.sha256()
+        for key, tensor in tensors.items():
+            digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        weights = path.with_name(f"{path.name}.{digest.hexdigest()[:16]}.safetensors")
         document = {
             "format": FORMAT, "model": self.model, "method": self.method, "similarity": self.similarity,
             "weights": weights.name if tensors else None,
@@ -92,9 +99,12 @@ class Plan:
                         "keep_groups": list(m.keep_groups), "keep_channels": list(m.keep_channels)} for m in self.merges],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        if tensors:
+        previous = _weights_named_by(path)
+        if tensors and not weights.exists():
             write_atomically(weights, lambda tmp: save_file(tensors, tmp))
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1)))
+        if previous is not None and previous != weights and previous.is_file():
+            previous.unlink()
         return path
 
     @classmethod
@@ -121,6 +131,14 @@ class Plan:
                             tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"))
                       for i, m in enumerate(document["merges"])]
             return cls(dict(document["model"]), document.get("method", {}), document.get("similarity"), merges)
-        except (KeyError, TypeError, ValueError, IndexError) as error:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
             raise ValueError(f"{path} is a malformed plan: {error!r}") from None
 
+
+def _weights_named_by(path: Path) -> Path | None:
+    """The weights file that the plan already at ``path`` (if any) refers to."""
+    try:
+        name = json.loads(path.read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return path.with_name(name) if isinstance(name, str) and "/" not in name and name.startswith(path.name) else None
