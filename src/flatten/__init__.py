@@ -15,6 +15,7 @@ from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan
+from flatten.recovery import Recovery, recover
 
 __all__ = [
     "ARCHITECTURES",
@@ -30,6 +31,7 @@ __all__ = [
     "PairPolicy",
     "Plan",
     "Perplexity",
+    "Recovery",
     "architecture_for",
     "check_stock",
     "count_parameters",
@@ -38,6 +40,7 @@ __all__ = [
     "get_policy",
     "get_scorer",
     "get_strategy",
+    "recover",
     "fold_norms",
     "load_model",
     "measure_latency",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,21 +128,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(bench)
     _add_latency(bench, "1,8")
     bench.set_defaults(run=run_bench)
+
+    recover = commands.add_parser("recover", help="LoRA recovery fine-tuning of a compressed model, merged back",
+                                  description="Fine-tune LoRA adapters (peft) of MODEL on text, merge them into the "
+                                  "weights, and save the result as a stock checkpoint with its perplexity before and "
+                                  "after. Default data: Wikipedia lead sections disjoint from the calibration windows.")
+    _add_model(recover)
+    recover.add_argument("--out", default=None, help="output folder (default MODEL-recovered)")
+    recover.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    recover.add_argument("--data", default=None, metavar="FILE", help="training text file (default: Wikipedia leads "
+                         "after the calibration windows)")
+    recover.add_argument("--samples", type=int, default=128, help="training sequences (default 128)")
+    recover.add_argument("--seq-len", type=int, default=256, help="training sequence length (default 256)")
+    recover.add_argument("--epochs", type=int, default=2, help="passes over the data (default 2)")
+    recover.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    recover.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    recover.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    recover.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, decaying linearly (default 2e-4)")
+    recover.add_argument("--seed", type=int, default=0, help="seed for the data windows, order and adapters (default 0)")
+    _add_perplexity(recover)
+    recover.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    recover.add_argument("--quiet", action="store_true", help="no progress bars")
+    recover.set_defaults(run=run_recover)
+
+    reproduce = commands.add_parser("reproduce", help="re-run the command that made a saved model; check the weights",
+                                    description="Read DIR/flatten_run.json, run the compression (or recovery) it "
+                                    "records again into a temporary folder, and check that every weight is identical.")
+    reproduce.add_argument("dir", help="a folder written by flatten compress or flatten recover")
+    reproduce.set_defaults(run=run_reproduce)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args.run(args)
+        failed = args.run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as error:
         print(f"flatten {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flatten {args.command}: interrupted; nothing was written to the output", file=sys.stderr)
         return 130
-    return 0
+    return 1 if failed else 0
 
 
 # --- pieces shared by the subcommands ---------------------------------------------------------------------
@@ -234,7 +264,8 @@ def run_compress(args) -> None:
     from flatten.latency import measure_latency
     from flatten.measure import PeakMemory, machine
     from flatten.models import count_parameters, resolve_device
-    from flatten.report import command_line, model_card, protocol_lines, results_table, similarity_heatmap, versions
+    from flatten.report import (command_line, model_card, protocol_lines, results_table, similarity_heatmap, versions,
+                                weights_sha256)
 
     out = Path(args.out) if args.out else _default_out(args.model)
     if out.exists() and not args.overwrite:
@@ -248,6 +279,7 @@ def run_compress(args) -> None:
     elif args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine" or args.checkpoint:
         raise ValueError("--scorer, --policy, --spans, --similarity and --checkpoint go with --strategy flattengpt")
     model, tokenizer = _load(args.model, args.dtype)
+    source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)
     compressor = strategy(model, calibration, **options)
     remove = _requested_removals(args, compressor)
@@ -275,7 +307,8 @@ def run_compress(args) -> None:
     similarity = getattr(result, "similarity", None)
     decisions = "plan.json" if args.strategy == "flattengpt" else "removal.json"
     record = {
-        "name": out.name, "base_model": args.model, "command": command_line(), "versions": versions(),
+        "name": out.name, "base_model": args.model, "source_sha256": source_sha256,
+        "command": command_line(args.argv), "argv": args.argv, "cwd": os.getcwd(), "versions": versions(),
         "machine": machine(), "calibration": calibration_about, "strategy": strategy.title, "what": result.describe(),
         "method": result.method, "decisions": decisions,
         "results": {"layers": [layers, model.config.num_hidden_layers],
@@ -395,3 +428,127 @@ def run_bench(args) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_recover(args) -> None:
+    from flatten.checkpoint import save_checkpoint
+    from flatten.data import calibration_budget, calibration_tokens, recovery_tokens
+    from flatten.evaluation import perplexity
+    from flatten.recovery import recover
+    from flatten.report import command_line, versions, weights_sha256
+
+    source = Path(args.model)
+    out = Path(args.out) if args.out else (source.with_name(source.name + "-recovered") if source.is_dir()
+                                           else Path("out") / f"{source.name.removesuffix('.gguf')}-recovered")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    base = _run_record(source) if source.is_dir() else None
+    model, tokenizer = _load(args.model, args.dtype)
+    source_sha256 = weights_sha256(model)
+    if args.data is not None:
+        data = calibration_tokens(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+        about = f"{Path(args.data).name} ({args.samples} windows of {args.seq_len} tokens, seed {args.seed})"
+    else:
+        calibration = (base or {}).get("calibration", {})
+        after = calibration_budget(calibration.get("samples", 32), calibration.get("seq_len", 512))
+        data = recovery_tokens(tokenizer, args.samples, args.seq_len, seed=args.seed, after=after)
+        about = (f"Wikipedia lead sections after the first {after:,} tokens of the calibration split (those the "
+                 f"calibration windows come from): {args.samples} windows of {args.seq_len} tokens, seed {args.seed}")
+    ids, text_about = (None, None) if args.no_eval else _perplexity_tokens(args, tokenizer)
+
+    def ppl():
+        return None if args.no_eval else perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows,
+                                                    text=text_about, progress=not args.quiet).as_dict()
+
+    before = ppl()
+    model, recovery = recover(model, data, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.quiet)
+    after_ppl = ppl()
+    record = {**(base or {"base_model": args.model}), "name": out.name, "recovery": {
+        "from": args.model, "source_sha256": source_sha256,
+        "command": command_line(args.argv), "argv": args.argv, "cwd": os.getcwd(), "versions": versions(),
+        "data": about, "data_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), **recovery.as_dict(),
+        "perplexity": [before, after_ppl] if before else None}}
+
+    def write_extras(folder: Path) -> None:
+        for name in ("plan.json", "removal.json"):
+            if source.is_dir() and (source / name).is_file():
+                for part in source.glob(name + "*"):
+                    (folder / part.name).write_bytes(part.read_bytes())
+        (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    save_checkpoint(model, out, tokenizer, overwrite=args.overwrite, extras=write_extras)
+    print(f"\n{args.model}: LoRA recovery (rank {args.rank}, {args.epochs} epochs, {len(recovery.losses)} steps, "
+          f"{recovery.trainable_parameters:,} trainable parameters) in {recovery.seconds:.1f} s; training loss "
+          f"{recovery.losses[0]:.3f} -> {recovery.losses[-1]:.3f}")
+    if before:
+        print(f"perplexity {before['value']:.2f} -> {after_ppl['value']:.2f} ({text_about})")
+    print(f"wrote {out}/: the checkpoint (adapters merged: loads with AutoModelForCausalLM.from_pretrained), "
+          "flatten_run.json")
+
+
+def _run_record(folder: Path) -> dict:
+    path = folder / "flatten_run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no flatten_run.json: it was not written by flatten compress or recover")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable run record: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a run record")
+    return record
+
+
+def run_reproduce(args) -> bool:
+    """Returns True (exit status 1) when the weights differ."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from flatten.report import command_line
+
+    folder = Path(args.dir)
+    record = _run_record(folder)
+    made_by = record.get("recovery") or record
+    argv = made_by.get("argv")
+    if not isinstance(argv, list) or not argv or argv[0] not in ("compress", "recover"):
+        raise ValueError(f"{folder}/flatten_run.json records no flatten compress or recover command to re-run")
+    cwd = made_by.get("cwd") or os.getcwd()
+    if not Path(cwd).is_dir():
+        raise FileNotFoundError(f"the recorded command ran in {cwd}, which no longer exists")
+    print(f"re-running in {cwd}: {command_line(argv)}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="flatten-reproduce-") as scratch:
+        again = Path(scratch) / "again"
+        extra = ["--out", str(again), "--overwrite", "--no-eval", "--quiet"] + (["--no-latency"] if argv[0] == "compress" else [])
+        here = os.getcwd()
+        try:
+            os.chdir(cwd)
+            code = main(argv + extra)
+        finally:
+            os.chdir(here)
+        if code != 0:
+            raise ValueError(f"the recorded command failed (exit status {code}); see above")
+        redone_record = _run_record(again)
+        source_now = (redone_record.get("recovery") or redone_record).get("source_sha256")
+        if made_by.get("source_sha256") and source_now != made_by["source_sha256"]:
+            print(f"note: the source model's weights differ from the recorded ones ({str(source_now)[:12]} vs "
+                  f"{made_by['source_sha256'][:12]}): the result cannot match", file=sys.stderr)
+        saved, redone = _tensors(folder, load_file), _tensors(again, load_file)
+    differ = sorted(k for k in saved.keys() | redone.keys()
+                    if k not in saved or k not in redone or not torch.equal(saved[k], redone[k]))
+    if differ:
+        print(f"NOT reproduced: {len(differ)} of {len(saved)} tensors differ, e.g. {', '.join(differ[:5])}")
+        return True
+    print(f"reproduced: all {len(saved)} tensors of {folder} are bit-identical to a new run of the recorded command")
+    return False
+
+
+def _tensors(folder: Path, load_file) -> dict:
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no model*.safetensors weights")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors

@@ -111,5 +111,20 @@ def calibration_tokens(tokenizer, source: str | Path | None = None, samples: int
     else:
         text = read_lines(source)
     # tokenise only as much text as the windows need, with a margin for the random choice
-    budget = samples * seq_len * 4
-    return windows(tokenize(tokenizer, text, max_tokens=budget), samples, seq_len, seed)
+    return windows(tokenize(tokenizer, text, max_tokens=calibration_budget(samples, seq_len)), samples, seq_len, seed)
+
+
+def calibration_budget(samples: int = 32, seq_len: int = 512) -> int:
+    """How many tokens at the start of its text ``calibration_tokens`` draws its windows from."""
+    return samples * seq_len * 4
+
+
+def recovery_tokens(tokenizer, samples: int = 128, seq_len: int = 256, seed: int = 0,
+                    after: int = calibration_budget()) -> torch.Tensor:
+    """Token ids (samples x seq_len) for recovery fine-tuning: windows of the Wikipedia lead sections'
+    calibration split taken after its first ``after`` tokens (by default those of the default calibration,
+    32 x 512), so disjoint from the calibration windows; evaluation uses WikiText-2 or the held-out articles."""
+    if not isinstance(after, int) or after < 0:
+        raise ValueError(f"after must be a number of tokens >= 0, got {after!r}")
+    ids = tokenize(tokenizer, wikipedia_leads("calibration"), max_tokens=after + samples * seq_len * 4)
+    return windows(ids[after:], samples, seq_len, seed)

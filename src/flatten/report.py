@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
-import sys
+import shlex
 from pathlib import Path
 
 import torch
@@ -139,5 +140,16 @@ def model_card(record: dict) -> str:
     return "\n".join(lines)
 
 
-def command_line() -> str:
-    return " ".join(["flatten" if Path(sys.argv[0]).name == "flatten" else Path(sys.argv[0]).name] + sys.argv[1:])
+def command_line(argv: list[str]) -> str:
+    """The ``flatten`` command with these arguments, as a shell would take it."""
+    return shlex.join(["flatten", *argv])
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A digest of every tensor of ``model`` (names, dtypes, shapes and bytes): the same exactly when the
+    weights are bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
