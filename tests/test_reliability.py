@@ -151,6 +151,8 @@ def test_a_truncated_checkpoint_is_refused_by_the_api_and_the_cli(tmp_path, caps
     err = capsys.readouterr().err
     assert "flatten eval: error: cannot load a model" in err and "Traceback" not in err
     assert _digest(out) == before
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        load_model(tmp_path / "missing")
 
 
 def _run_child(code: str, cwd: Path) -> subprocess.CompletedProcess:

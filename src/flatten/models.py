@@ -92,6 +92,8 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
         where, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif not Path(source).exists() and (Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"no model folder at {source} (a hub id looks like 'namespace/name')")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
