@@ -119,7 +119,8 @@ class SLEB(Baseline):
         removed, losses = [], []
         for _ in tqdm(range(k), desc="SLEB", unit="block", disable=not self.progress):
             # without block i: block i's input goes straight to block i + 1
-            candidates = [self._loss_from(hidden, i + 1, self.search_batches) for i, hidden, _ in self._block_inputs(self.search_batches)]
+            candidates = [self._loss_from(hidden, i + 1, self.search_batches)
+                          for i, hidden, _ in self._block_inputs(self.search_batches)]
             best = min(range(len(candidates)), key=candidates.__getitem__)
             removed.append(original.pop(best))
             losses.append(candidates)

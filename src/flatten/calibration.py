@@ -220,8 +220,9 @@ def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_la
         for i, layer in enumerate(layers):
             unit = torch.nn.functional.normalize(_tokens(x).float(), dim=-1)
             units.append(unit)
-            for j, other in enumerate(units):
-                total[i, j] = total[j, i] = total[i, j] + measure(torch.linalg.vecdot(other, unit)).sum().double().cpu()
+            row = torch.stack([measure(torch.linalg.vecdot(other, unit)).sum() for other in units])
+            total[i, : i + 1] += row.double().cpu()
+            total[: i + 1, i] = total[i, : i + 1].clone()
             args, kwargs = calls_per_layer[i][b]
             with on_device(layer, device or x.device):
                 x = _output(layer(x, *args, **kwargs))
