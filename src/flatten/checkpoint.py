@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from flatten.architectures import architecture_for
@@ -59,6 +61,16 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, ov
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+def tensors_sha256(named) -> str:
+    """A digest of ``(name, tensor)`` pairs (names, dtypes, shapes and bytes): equal exactly when the tensors
+    are bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_atomically(path: Path, write: Callable[[str], None]) -> None:

@@ -7,7 +7,6 @@ Face folder or hub id, or a .gguf file; a compressed model saved by ``flatten co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -216,11 +215,11 @@ def _policy(args):
 
 
 def _calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
-    from flatten.data import calibration_description, calibration_tokens
+    from flatten.data import calibration_description, calibration_tokens, token_sha256
 
     tokens = calibration_tokens(tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     about = {"source": calibration_description(args.calib), "samples": args.samples, "seq_len": args.seq_len,
-             "seed": args.seed, "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+             "seed": args.seed, "sha256": token_sha256(tokens)}
     return tokens, about
 
 
@@ -432,7 +431,7 @@ if __name__ == "__main__":
 
 def run_recover(args) -> None:
     from flatten.checkpoint import save_checkpoint
-    from flatten.data import calibration_budget, calibration_tokens, recovery_tokens
+    from flatten.data import calibration_budget, calibration_tokens, recovery_tokens, token_sha256
     from flatten.evaluation import perplexity
     from flatten.recovery import recover
     from flatten.report import command_line, versions, weights_sha256
@@ -467,7 +466,7 @@ def run_recover(args) -> None:
     record = {**(base or {"base_model": args.model}), "name": out.name, "recovery": {
         "from": args.model, "source_sha256": source_sha256,
         "command": command_line(args.argv), "argv": args.argv, "cwd": os.getcwd(), "versions": versions(),
-        "data": about, "data_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), **recovery.as_dict(),
+        "data": about, "data_sha256": token_sha256(data), **recovery.as_dict(),
         "perplexity": [before, after_ppl] if before else None}}
 
     def write_extras(folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -112,6 +113,11 @@ def calibration_tokens(tokenizer, source: str | Path | None = None, samples: int
         text = read_lines(source)
     # tokenise only as much text as the windows need, with a margin for the random choice
     return windows(tokenize(tokenizer, text, max_tokens=calibration_budget(samples, seq_len)), samples, seq_len, seed)
+
+
+def token_sha256(ids: torch.Tensor) -> str:
+    """A digest of token ids, as recorded with every calibration or training set."""
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
 
 
 def calibration_budget(samples: int = 32, seq_len: int = 512) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from flatten.calibration import attention_stats, input_similarity, mlp_stats
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
+from flatten.data import token_sha256
 from flatten.merge import select_block
 from flatten.measure import Stopwatch
 from flatten.models import count_parameters
@@ -116,7 +116,7 @@ class Flattener(Compressor):
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
                 "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
-                                "sha256": hashlib.sha256(self.calibration.cpu().numpy().tobytes()).hexdigest()},
+                                "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
 
     def _compress_one_shot(self, k: int, plan: Plan, done: int) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
-from flatten.checkpoint import write_atomically
+from flatten.checkpoint import tensors_sha256, write_atomically
 from flatten.pair import BlockPair
 
 FORMAT = "flatten-plan/1"
@@ -87,11 +85,7 @@ class Plan:
         path = Path(path)
         tensors = {f"merges.{i}.{name}": getattr(m, name).detach().cpu().contiguous()
                    for i, m in enumerate(self.merges) for name in ("o_proj", "down_proj") if getattr(m, name) is not None}
-        digest = hashlib.sha256()
-        for key, tensor in tensors.items():
-            digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        weights = path.with_name(f"{path.name}.{digest.hexdigest()[:16]}.safetensors")
+        weights = path.with_name(f"{path.name}.{tensors_sha256(tensors.items())[:16]}.safetensors")
         document = {
             "format": FORMAT, "model": self.model, "method": self.method, "similarity": self.similarity,
             "weights": weights.name if tensors else None,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import shlex
 from pathlib import Path
 
 import torch
 
-from flatten.checkpoint import write_atomically
+from flatten.checkpoint import tensors_sha256, write_atomically
 
 
 def versions() -> dict:
@@ -148,8 +147,4 @@ def command_line(argv: list[str]) -> str:
 def weights_sha256(model: torch.nn.Module) -> str:
     """A digest of every tensor of ``model`` (names, dtypes, shapes and bytes): the same exactly when the
     weights are bit-identical."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(sorted(model.state_dict().items()))
