@@ -20,13 +20,18 @@ import torch
 
 from flatten import Flattener
 from flatten.measure import machine
-from harness import setup
+from harness import forward_seconds, setup
 
 
-def compress(model, calibration, remove: int, device: str):
+def compress(model, calibration, remove: int, device: str, resident: bool = False):
+    """Compress a copy of ``model`` on ``device``: its weights stay on the CPU and each block visits the
+    device in turn, or, ``resident``, the whole model is moved there first."""
+    model = copy.deepcopy(model)
+    if resident:
+        model.to(device)
     start = time.perf_counter()
-    model, plan = Flattener(copy.deepcopy(model), calibration, device=device, progress=False).compress(remove=remove)
-    return model, plan, time.perf_counter() - start
+    model, plan = Flattener(model, calibration, device=device, progress=False).compress(remove=remove)
+    return model.cpu(), plan, time.perf_counter() - start
 
 
 def main() -> None:
@@ -49,9 +54,15 @@ def main() -> None:
         remove = max(1, round(args.fraction * run.model.config.num_hidden_layers))
         on_cpu, cpu_plan, cpu_seconds = compress(run.model, run.calibration, remove, "cpu")
         on_device, device_plan, device_seconds = compress(run.model, run.calibration, remove, args.device)
+        _, resident_plan, resident_seconds = compress(run.model, run.calibration, remove, args.device, resident=True)
+        forward = forward_seconds(copy.deepcopy(run.model).to(args.device), run.calibration, batch_size=4)
         cpu_ppl, device_ppl = run.ppl(on_cpu), run.ppl(on_device)
         print(f"{name}: remove {remove}; compress {cpu_seconds:.1f} s on cpu, {device_seconds:.1f} s on "
-              f"{args.device} ({cpu_seconds / device_seconds:.1f}x); perplexity {cpu_ppl:.3f} vs {device_ppl:.3f}")
+              f"{args.device} ({cpu_seconds / device_seconds:.1f}x); one forward pass of the whole model on "
+              f"{args.device} over the calibration set {forward:.2f} s (compress / forward "
+              f"{device_seconds / forward:.1f}); perplexity {cpu_ppl:.3f} vs {device_ppl:.3f}", flush=True)
+        print(f"  seconds by phase on {args.device}: {device_plan.method['seconds_by_phase']}; with the whole "
+              f"model on {args.device}: {resident_seconds:.1f} s, {resident_plan.method['seconds_by_phase']}")
         checks = {"same spans": [m.span for m in cpu_plan.merges] == [m.span for m in device_plan.merges]}
         if checks["same spans"]:
             checks["same KV groups"] = all(a.keep_groups == b.keep_groups

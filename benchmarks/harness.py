@@ -11,6 +11,7 @@ import torch
 
 from flatten import load_model, perplexity
 from flatten.data import LINE_JOIN, calibration_tokens, read_lines, tokenize, wikitext2_test_path
+from flatten.latency import synchronize
 
 
 @dataclass
@@ -51,12 +52,15 @@ def publish(lines: list[str], append: str | None) -> None:
 
 def forward_seconds(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int) -> float:
     """One forward pass of ``model`` over the calibration set (the best of two, after a warm-up batch)."""
-    best = float("inf")
+    best, device = float("inf"), next(model.parameters()).device
+    calibration = calibration.to(device)
     with torch.no_grad():
         model(input_ids=calibration[:1], use_cache=False)
         for _ in range(2):
+            synchronize(device)
             start = time.perf_counter()
             for ids in calibration.split(batch_size):
                 model(input_ids=ids, use_cache=False)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
     return best

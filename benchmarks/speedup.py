@@ -7,6 +7,10 @@ several batch sizes, the two models' runs interleaved.
 
     python benchmarks/speedup.py --model smollm2-135m --remove 6 --batch 1,8 --append benchmarks/RESULTS.md
     python benchmarks/speedup.py --model smollm2-135m --compressed out/smollm2-24
+    python benchmarks/speedup.py --config qwen2-config.json --device cuda --dtype bfloat16
+
+``--config`` times a model of that ``config.json`` with random weights: latency does not depend on the weights,
+so the speed-up of a model too large to bring along can be measured from its config alone.
 
 Without ``--compressed``, the compressed model is the original with k evenly spaced blocks deleted: it has
 the shape of every k-block compression (FlattenGPT's included), and latency does not depend on the weights.
@@ -22,11 +26,13 @@ import time
 from datetime import date
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from flatten import architecture_for, load_model
-from flatten.latency import compare_latency
+from flatten.latency import compare_latency, synchronize
 from flatten.measure import machine
 from flatten.merge import remove_blocks, swapped_blocks
+from flatten.models import resolve_device
 from harness import publish
 
 
@@ -35,12 +41,15 @@ def outside_blocks_ms(model: torch.nn.Module, batch: int, tokens: int, repeats: 
     """Median time of a forward pass over ``batch x tokens`` with every decoder block taken out: the
     embedding, final norm and LM head alone (a decode step is such a pass over one token)."""
     layers = architecture_for(model).layers_of(model)
-    ids = torch.zeros(batch, tokens, dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     times = []
     with swapped_blocks(layers, 0, len(layers), []):
         for _ in range(repeats + 1):
+            synchronize(device)
             start = time.perf_counter()
             model(input_ids=ids, use_cache=False)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:])
 
@@ -48,6 +57,9 @@ def outside_blocks_ms(model: torch.nn.Module, batch: int, tokens: int, repeats: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--config", default=None, help="a config.json: time a model of it with random weights")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--remove", type=int, default=6, help="blocks the compressed model lacks (without --compressed)")
     parser.add_argument("--compressed", default=None, help="a saved compressed model of --model")
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
@@ -58,9 +70,16 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    original, _ = load_model(args.model)
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    if args.config:
+        config = AutoConfig.from_pretrained(args.config)
+        original = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+        name = f"{config.model_type} of `{args.config}` (random weights)"
+    else:
+        original, _ = load_model(args.model, dtype=dtype, device=device)
+        name = args.model
     if args.compressed:
-        compressed, _ = load_model(args.compressed)
+        compressed, _ = load_model(args.compressed, dtype=dtype, device=device)
         what = f"`{args.compressed}`"
     else:
         count = original.config.num_hidden_layers
@@ -70,9 +89,9 @@ def main() -> None:
     L, kept = original.config.num_hidden_layers, compressed.config.num_hidden_layers
     removed = (L - kept) / L
 
-    lines = [f"### {args.model}: inference speed-up, {L} -> {kept} blocks ({date.today()})", "",
+    lines = [f"### {name}: inference speed-up, {L} -> {kept} blocks ({date.today()})", "",
              "Command: `python " + " ".join(sys.argv) + "`", "", f"Machine: {machine()}", "",
-             f"Compressed model: {what}. Prompt {args.prompt} random tokens, then {args.new_tokens} greedy decode "
+             f"Compressed model: {what}. Weights {args.dtype} on {device}. Prompt {args.prompt} random tokens, then {args.new_tokens} greedy decode "
              f"steps with the KV cache; medians of {args.repeats} runs, original and compressed interleaved. "
              "Share in blocks: 1 - (time of the same pass with all blocks taken out) / (original's time). "
              f"Ideal speed-up: 1 / (1 - share x {L - kept}/{L}).", "",

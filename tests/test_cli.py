@@ -80,9 +80,12 @@ def test_compress_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, extra, sa
 def test_compress_with_fixed_spans(tiny, tmp_path):
     out = tmp_path / "fixed"
     code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
+                                     "--dtype", "auto", "--one-block-fallback", "--token-weighting", "input-rms",
                                      "--no-eval", "--no-latency", *FAST)])
     assert code == 0
-    assert json.loads((out / "plan.json").read_text())["merges"][-1]["span"] == [1, 3]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["merges"][-1]["span"] == [1, 3]
+    assert plan["method"]["token_weighting"] == "input-rms" and len(plan["method"]["merge_choices"]) == 2
     assert "flattened spans 1-3" in json.loads((out / "flatten_run.json").read_text())["what"]
 
 

@@ -137,3 +137,33 @@ def test_the_gram_matrix_built_from_its_upper_triangle_is_the_full_product(n, d,
     full = symmetric(gram, rows=fill_rows)
     assert full is gram  # filled in place
     torch.testing.assert_close(full, 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(spec=tiny_specs(dtypes=(torch.float64,)), seed=st.integers(0, 100), scale=st.floats(0.01, 100))
+def test_token_weights_weigh_each_token_in_the_statistics(spec, seed, scale):
+    """Weights ``w`` per token make the Gram matrices and the cross term sums of ``w_t`` times each token's
+    term: a constant weight scales them; zero weights on a batch leave the statistics of the others."""
+    model = tiny_model(spec)
+    arch = architecture_for(model)
+    wide = BlockPair(model, 0).flatten()
+    shape = arch.block_shape(wide, model.config)
+    ids = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(seed))
+    inputs = capture(model, arch, list(ids.split(2)))
+    hidden, calls = inputs.hidden, inputs.calls[0]
+    half = select_block(wide, arch, model.config, 0, range(spec.num_kv_heads), range(shape.intermediate_size))
+    targets = [torch.randn_like(h) for h in hidden]
+
+    def stats(weights, batches=slice(None)):
+        chosen = [hidden[batches], calls[batches], targets[batches], None if weights is None else weights[batches]]
+        a = attention_stats(wide, arch, shape, chosen[0], chosen[1], chosen[3])
+        m = mlp_stats(half, arch, shape, chosen[0], chosen[1], chosen[2], chosen[3])
+        return a.gram, m.gram, m.target_cross
+
+    def close(a, b):  # the statistics multiply float32 activations
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+    for weighted, unweighted in zip(stats([torch.full((12,), scale), torch.full((12,), scale)]), stats(None)):
+        close(weighted, scale * unweighted)
+    for weighted, first in zip(stats([torch.ones(12), torch.zeros(12)]), stats(None, slice(0, 1))):
+        close(weighted, first)

@@ -132,3 +132,11 @@ def test_blocks_that_are_not_pre_norm_or_heads_that_do_not_split_into_groups(mod
     del model.model.layers[2].post_attention_layernorm
     with pytest.raises(ValueError, match="has no 'post_attention_layernorm': it is not a pre-norm block"):
         Flattener(model, calibration)
+
+
+def test_weights_on_the_meta_device_are_refused(model):
+    from flatten import Flattener
+
+    model.model.layers[1].to("meta")  # what accelerate's offload leaves in the module
+    with pytest.raises(ValueError, match="weights on the 'meta' device .* load_model\\(folder, dtype='auto'\\)"):
+        Flattener(model, torch.zeros(2, 8, dtype=torch.long))

@@ -188,8 +188,28 @@ def test_flatten_only_keeps_the_wide_blocks_and_computes_the_flattened_sum():
     torch.testing.assert_close(model(calibration).logits, expected(calibration).logits)
     with pytest.raises(ValueError, match="is not a stock checkpoint|prune wide blocks"):
         check_stock(model)
-    with pytest.raises(ValueError, match="flattens spans of two blocks"):
+    with pytest.raises(ValueError, match="spans of two blocks only; span"):
         Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 3)]), prune=False, progress=False).compress()
+
+
+@pytest.mark.parametrize("half", ["attention", "mlp"])
+def test_pruning_only_one_half_leaves_the_other_wide(half):
+    """The ablations prune="attention" / "mlp": the pruned half has the model's width, the other keeps both
+    blocks' heads or channels; prune="attention" keeps the KV groups a full run keeps."""
+    spec = TinySpec("qwen2", 2, 2, 2, 4, 16, num_layers=5, bias=True, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (4, 8), generator=torch.Generator().manual_seed(0))
+    model, plan = Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 2)]), prune=half,
+                            progress=False).compress()
+    block = model.model.layers[1]
+    groups = block.self_attn.k_proj.weight.shape[0] // spec.head_dim
+    channels = block.mlp.down_proj.weight.shape[1]
+    assert (groups, channels) == ((2, 32) if half == "attention" else (4, 16))
+    assert plan.method["prune"] == half and torch.isfinite(model(calibration).logits).all()
+    _, full = Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 2)]), progress=False).compress()
+    if half == "attention":
+        assert plan.merges[0].keep_groups == full.merges[0].keep_groups
+    with pytest.raises(ValueError, match="prune must be True, False, 'attention' or 'mlp', got 'heads'"):
+        Flattener(tiny_model(spec), calibration, prune="heads")
 
 
 def test_trial_loss_merges_the_pair_whose_merge_hurts_the_loss_least():
@@ -268,3 +288,55 @@ def test_an_interrupted_compression_resumes_to_the_same_weights(policy, tmp_path
                                checkpoint=checkpoint).compress(remove=3)
     assert _same_weights(resumed, whole) and again.spans == plan.spans
     assert Plan.load(checkpoint).removed == 3
+
+
+def test_a_safetensors_folder_stays_on_disk_while_it_is_compressed(tiny):
+    """Loaded in its stored dtype, a checkpoint folder's weights are memory-mapped file pages; compression
+    reads them and leaves the blocks it does not merge in the file, not copied into memory."""
+    from flatten import load_model
+    from flatten.measure import file_backed_fraction
+
+    model, _ = load_model(tiny[0], dtype="auto")
+    assert file_backed_fraction(model.model.layers) == 1.0
+    untouched = {i: model.model.layers[i] for i in (0, 3, 4)}
+    spans = FixedSpans([(1, 2)])
+    model, _ = Flattener(model, _calibration(), policy=spans, progress=False).compress()
+    assert [model.model.layers[i] for i in (0, 2, 3)] == list(untouched.values())
+    assert file_backed_fraction(torch.nn.ModuleList(untouched.values())) == 1.0
+    assert file_backed_fraction(model.model.layers[1]) == 0.0  # the merged block is new
+
+
+def test_the_one_block_fallback_keeps_the_first_block_where_the_second_adds_nothing():
+    """Block 2 adds nothing to its input: of the pair (1, 2), keeping block 1 alone reproduces the pair
+    exactly, better than any pruned merge (with random channels here), and the result is block 1."""
+    from flatten.merge import remove_blocks
+
+    model = tiny_model(SPEC)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    expected = remove_blocks(copy.deepcopy(model), [2])
+    model, plan = Flattener(model, _calibration(), scorer="random", policy=FixedSpans([(1, 2)]),
+                            one_block_fallback=True, progress=False).compress()
+    (choice,) = plan.method["merge_choices"]
+    assert choice["chosen"] == "first block only" and choice["unexplained"]["first block only"] < 1e-12
+    assert choice["unexplained"]["merged"] > 1e-3
+    groups = model.config.num_key_value_heads
+    assert plan.merges[0].keep_groups == list(range(groups)) and plan.merges[0].o_proj is None
+    ids = _calibration()[:2]
+    torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_without_the_fallback_the_pruned_merge_is_kept():
+    model = tiny_model(SPEC)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+    _, plan = Flattener(model, _calibration(), scorer="random", policy=FixedSpans([(1, 2)]), progress=False,
+                        one_block_fallback=False).compress()
+    assert "merge_choices" not in plan.method and plan.method["one_block_fallback"] is False
+    assert plan.merges[0].keep_channels != list(range(SPEC.intermediate_size))  # random channels of both blocks
+    with pytest.raises(ValueError, match="one_block_fallback must be True or False, got 'yes'"):
+        Flattener(model, _calibration(), one_block_fallback="yes")
+    with pytest.raises(ValueError, match="token_weighting must be one of none, input-rms, got 'rms'"):
+        Flattener(model, _calibration(), token_weighting="rms")

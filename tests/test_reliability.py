@@ -153,6 +153,8 @@ def test_a_truncated_checkpoint_is_refused_by_the_api_and_the_cli(tmp_path, caps
     assert _digest(out) == before
     with pytest.raises(FileNotFoundError, match="no model folder at"):
         load_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype or 'auto', got 'fp32'"):
+        load_model(out, dtype="fp32")
 
 
 def _run_child(code: str, cwd: Path) -> subprocess.CompletedProcess:

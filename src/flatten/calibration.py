@@ -106,7 +106,7 @@ def run_block(block: nn.Module, hidden: list[Tensor], calls: list[tuple[tuple, d
     return outputs
 
 
-def _tokens(t: Tensor) -> Tensor:
+def token_rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
@@ -132,20 +132,24 @@ def symmetric(upper: Tensor, rows: int = 512) -> Tensor:
 
 @torch.no_grad()
 def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor],
-                    calls: list) -> AttentionStats:
+                    calls: list, token_weights: list[Tensor] | None = None) -> AttentionStats:
     """Head outputs of ``wide`` (inputs of its ``o_proj``): their Gram matrix and each head's mean
-    contribution norm ``|| o_h W_o,h^T ||``. Stops each forward at ``o_proj``."""
+    contribution norm ``|| o_h W_o,h^T ||``. Stops each forward at ``o_proj``. With ``token_weights`` (one
+    tensor of per-token weights per batch), each token's row counts ``weight`` times in the Gram matrix and
+    ``sqrt(weight)`` times in the contribution norms."""
     o_weight = wide.get_submodule(arch.o_proj).weight.detach()
     w = o_weight.float().view(o_weight.shape[0], shape.num_heads, shape.head_dim)
     head_gram = torch.einsum("dhi,dhj->hij", w, w)
     width = shape.num_heads * shape.head_dim
     gram = torch.zeros(width, width, dtype=torch.float64, device=o_weight.device)
     contribution = torch.zeros(shape.num_heads, dtype=torch.float64, device=o_weight.device)
-    tokens = 0
+    tokens, batch = 0, iter(range(len(hidden)))
 
     def hook(module, args):
         nonlocal contribution, tokens
-        o = _tokens(args[0]).float()
+        o = token_rows(args[0]).float()
+        if token_weights is not None:
+            o = o * token_weights[next(batch)].to(o.device).sqrt()[:, None]
         add_upper_gram(gram, o)
         per_head = o.view(-1, shape.num_heads, shape.head_dim)
         contribution += torch.einsum("nhi,hij,nhj->nh", per_head, head_gram, per_head).clamp_min(0).sqrt().sum(0).double()
@@ -160,10 +164,10 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
 
 @torch.no_grad()
 def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor], calls: list,
-              targets: list[Tensor] | None) -> MlpStats:
+              targets: list[Tensor] | None, token_weights: list[Tensor] | None = None) -> MlpStats:
     """Channel activations ``psi`` of ``half`` (attention already pruned, MLP still wide): their Gram
     matrix and, with ``targets``, ``psi^T (target - u')`` where ``u'`` is the MLP sub-layer's input.
-    Stops each forward at ``down_proj``."""
+    Stops each forward at ``down_proj``. ``token_weights`` as in ``attention_stats``."""
     down = half.get_submodule(arch.down_proj).weight.detach()
     gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
     cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
@@ -175,11 +179,16 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
 
     def down_hook(module, args):
         nonlocal cross, tokens
-        psi = _tokens(args[0]).float()
+        psi = token_rows(args[0]).float()
+        if token_weights is not None:
+            psi = psi * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
         add_upper_gram(gram, psi)
         if cross is not None:
-            target = _tokens(targets[residual[1]].to(psi.device)).float()
-            cross += (psi.T @ (target - _tokens(residual[0]).float())).double()
+            target = token_rows(targets[residual[1]].to(psi.device)).float()
+            change = target - token_rows(residual[0]).float()
+            if token_weights is not None:
+                change = change * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
+            cross += (psi.T @ change).double()
         tokens += psi.shape[0]
         raise _Stop
 
@@ -218,7 +227,7 @@ def input_similarity(layers: list[nn.Module], hidden: list[Tensor], calls_per_la
     for b, x in enumerate(tqdm(hidden, desc="block-input similarity", unit="batch", disable=not progress)):
         units = []  # the unit-normalised inputs of the layers so far, for this batch
         for i, layer in enumerate(layers):
-            unit = torch.nn.functional.normalize(_tokens(x).float(), dim=-1)
+            unit = torch.nn.functional.normalize(token_rows(x).float(), dim=-1)
             units.append(unit)
             row = torch.stack([measure(torch.linalg.vecdot(other, unit)).sum() for other in units])
             total[i, : i + 1] += row.double().cpu()

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from flatten.models import map_large_allocations
+
+# "auto": the checkpoint's stored dtype; a folder of safetensors then stays on disk, memory-mapped
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def _add_model(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(name, help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), folder, hub id or .gguf file")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32); auto: the checkpoint's own, which keeps a safetensors folder "
+                        "on disk (memory-mapped) for models larger than memory")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--checkpoint", default=None, metavar="FILE",
                           help="flattengpt: save the progress into this plan file after every merge; if it exists, "
                           "resume from it (same command, same result as an uninterrupted run)")
+    compress.add_argument("--one-block-fallback", action="store_true",
+                          help="flattengpt: keep one of the two blocks whole instead of the pruned merge where that "
+                          "reproduces the pair better on the calibration data")
+    compress.add_argument("--token-weighting", choices=["none", "input-rms"], default=None,
+                          help="flattengpt: how each calibration token's error counts in selection and refits "
+                          "(default none; input-rms divides it by the block input's mean square at that token)")
     _add_selection(compress)
     _add_calibration(compress)
     _add_device(compress)
@@ -162,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "dtype", None) == "auto":  # weights on disk: keep the process as small as it can be
+        map_large_allocations()
     try:
         failed = args.run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as error:
@@ -274,9 +286,13 @@ def run_compress(args) -> None:
     options = {"batch_size": args.batch_size, "device": device, "progress": not args.quiet}
     if args.strategy == "flattengpt":
         options.update(policy=_policy(args), similarity=args.similarity, checkpoint=args.checkpoint,
-                       **({"scorer": args.scorer} if args.scorer else {}))
-    elif args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine" or args.checkpoint:
-        raise ValueError("--scorer, --policy, --spans, --similarity and --checkpoint go with --strategy flattengpt")
+                       one_block_fallback=args.one_block_fallback,
+                       **({"scorer": args.scorer} if args.scorer else {}),
+                       **({"token_weighting": args.token_weighting} if args.token_weighting else {}))
+    elif (args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine" or args.checkpoint
+          or args.one_block_fallback or args.token_weighting):
+        raise ValueError("--scorer, --policy, --spans, --similarity, --checkpoint, --one-block-fallback and "
+                         "--token-weighting go with --strategy flattengpt")
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)

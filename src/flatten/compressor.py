@@ -47,6 +47,10 @@ class Compressor:
         self.arch.shape_of(model.config)  # the heads split evenly into KV groups
         for block in self.arch.layers_of(model):
             self.arch.check_block(block)  # pre-norm blocks with the parts the architecture names
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError("the model has weights on the 'meta' device (offloaded by accelerate's device_map?), "
+                             "which are not supported; for a model larger than memory, load a safetensors folder "
+                             "with load_model(folder, dtype='auto'): its weights stay on disk, memory-mapped")
         check_calibration(model, calibration)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

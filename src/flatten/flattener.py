@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.calibration import attention_stats, input_similarity, mlp_stats
+from flatten.calibration import attention_stats, input_similarity, mlp_stats, on_device, run_block, token_rows
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
-from flatten.criteria.scorers import ChannelScorer, get_scorer
+from flatten.criteria.scorers import ChannelScorer, Choice, get_scorer
 from flatten.data import token_sha256
 from flatten.merge import select_block
 from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
+
+
+TOKEN_WEIGHTINGS = ("none", "input-rms")
 
 
 @register_strategy("flattengpt")
@@ -37,7 +41,20 @@ class Flattener(Compressor):
     computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
     the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
-    saved; spans of two blocks only).
+    saved; spans of two blocks only). ``prune="attention"`` / ``"mlp"`` prune only that half of each wide
+    block and leave the other at double width: ablations that tell where pruning loses (not saveable either).
+
+    ``one_block_fallback``: after pruning a flattened pair, compare it with the two selections that keep one
+    block whole and drop the other (the first block's KV groups and channels, or the second's), by how much
+    of the pair's change to its input (the two original blocks' output minus their input) each fails to
+    reproduce on the calibration data, and keep the best of the three. Flattening then never does worse,
+    block for block, than dropping one of the pair. Each choice is in ``plan.method["merge_choices"]``.
+
+    ``token_weighting``: how much each calibration token's error counts in the statistics that select and
+    refit (``"none"``: all alike, the paper's least squares; ``"input-rms"``: divided by the mean square of
+    the pair's input at that token, the scale the next block's RMSNorm divides out). Models with massive
+    activations (Qwen2.5: the first token of a sequence holds 80-90 % of the residual stream's squared norm
+    in its middle blocks) otherwise fit that one token and neglect the rest.
 
     ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
     resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after
@@ -51,11 +68,22 @@ class Flattener(Compressor):
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, one_block_fallback: bool = False,
+                 token_weighting: str = "none"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
-        self.prune = bool(prune)
-        if checkpoint is not None and not self.prune:
-            raise ValueError("flatten-only blocks (prune=False) cannot be replayed from a plan: no checkpoint")
+        if one_block_fallback not in (True, False):
+            raise ValueError(f"one_block_fallback must be True or False, got {one_block_fallback!r}")
+        if token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {token_weighting!r}")
+        if prune not in (True, False, "attention", "mlp"):
+            raise ValueError(f"prune must be True, False, 'attention' or 'mlp', got {prune!r}")
+        self.prune = prune if isinstance(prune, str) else bool(prune)
+        self.one_block_fallback = bool(one_block_fallback)
+        self.token_weighting = token_weighting
+        if checkpoint is not None and self.prune is not True:
+            raise ValueError(f"wide blocks (prune={self.prune!r}) cannot be replayed from a plan: no checkpoint")
+        if one_block_fallback and self.prune is not True:
+            raise ValueError(f"the one-block fallback compares pruned merges; it does not go with prune={self.prune!r}")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
@@ -101,6 +129,7 @@ class Flattener(Compressor):
         start, self.watch = time.perf_counter(), Stopwatch()
         plan = Plan(model_signature(self.model), {**self._method(), "remove": k})
         done = self._resume(plan)
+        self._choices = plan.method.setdefault("merge_choices", []) if self.one_block_fallback else []
         if self.policy.trial:
             self._compress_by_trial(k, plan, done)
         elif self.policy.recompute:
@@ -115,6 +144,7 @@ class Flattener(Compressor):
     def _method(self) -> dict:
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
                 "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
+                "one_block_fallback": self.one_block_fallback, "token_weighting": self.token_weighting,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
                                 "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
@@ -183,7 +213,7 @@ class Flattener(Compressor):
             losses = [float("inf")] * (len(layers) - 1)
             for i, hidden, calls in self._block_inputs(search):
                 if i in tried:
-                    block, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, calls)
+                    block, _, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, calls)
                     with self.watch("trial losses"):
                         losses[i] = self._loss_from(hidden, i + 2, search, then=[block])
                 if i >= max(tried):
@@ -214,8 +244,9 @@ class Flattener(Compressor):
                              + "; ".join(f"{key} {saved.method.get(key)!r}, now {plan.method[key]!r}" for key in differ)
                              + ". Use the same settings to resume it, or another checkpoint file.")
         plan.similarity, plan.merges = saved.similarity, saved.merges
-        if "trial_losses" in saved.method:
-            plan.method["trial_losses"] = saved.method["trial_losses"]
+        for key in ("trial_losses", "merge_choices"):
+            if key in saved.method:
+                plan.method[key] = saved.method[key]
         return len(saved.merges)
 
     def _replay(self, merge: Merge, position: int, span: Span | None) -> Span:
@@ -246,51 +277,102 @@ class Flattener(Compressor):
     def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list) -> Merge:
         """Flatten blocks ``position`` and ``position + 1``, choose what to keep on ``hidden`` (their input
         in the compressed model), prune, compensate, and put the result in the model."""
-        block, merge = self._build_merge(position, span, similarity, hidden, calls)
+        block, merge, choice = self._build_merge(position, span, similarity, hidden, calls)
+        if choice is not None:
+            self._choices.append(choice)
         BlockPair(self.model, position).replace(block)
         return merge
 
     def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
-                     calls: list) -> tuple[nn.Module, Merge]:
-        """The block that would replace blocks ``position`` and ``position + 1``, and its Merge record;
-        the model is not changed."""
+                     calls: list) -> tuple[nn.Module, Merge, dict | None]:
+        """The block that would replace blocks ``position`` and ``position + 1``, its Merge record, and the
+        one-block-fallback choice (None without it); the model is not changed."""
         arch, config = self.arch, self.model.config
         want = arch.shape_of(config)
         pair = BlockPair(self.model, position)
         home = next(pair.first.parameters()).device
+        if self.prune is not True and (arch.block_shape(pair.first, config) != want
+                                       or arch.block_shape(pair.second, config) != want):
+            raise ValueError(f"prune={self.prune!r} leaves wide blocks: spans of two blocks only; span {span} is longer")
         if not self.prune:  # the ablation "flatten only": the wide block stays, nothing is removed from it
-            if arch.block_shape(pair.first, config) != want or arch.block_shape(pair.second, config) != want:
-                raise ValueError(f"prune=False (flatten only) flattens spans of two blocks; span {span} is longer")
             wide = pair.flatten()
             shape = arch.block_shape(wide, config)
             return wide, Merge(position, span, similarity, list(range(shape.num_kv_heads)),
-                               list(range(shape.intermediate_size)))
+                               list(range(shape.intermediate_size))), None
         watch = self.watch
         with watch("flatten and prune"):
             wide = pair.flatten().to(self.device)
         shape = arch.block_shape(wide, config)
 
-        with watch("attention statistics"):
-            attention = attention_stats(wide, arch, shape, hidden, calls)
-        with watch("selection and refits"):
-            groups = self.scorer.select_groups(attention, want.num_kv_heads)
-        del attention
+        weights = None
+        if self.token_weighting == "input-rms":
+            weights = [1 / token_rows(x).float().square().mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+                       for x in hidden]
+        if self.prune == "mlp":  # the ablation: all heads of both blocks stay
+            groups = Choice(torch.arange(shape.num_kv_heads))
+        else:
+            with watch("attention statistics"):
+                attention = attention_stats(wide, arch, shape, hidden, calls, weights)
+            with watch("selection and refits"):
+                groups = self.scorer.select_groups(attention, want.num_kv_heads)
+            del attention
         with watch("flatten and prune"):
             half = select_block(wide, arch, config, position, groups.keep, range(shape.intermediate_size),
                                 o_proj=groups.weight)
-        targets = None
-        if self.scorer.needs_target:
+        if self.prune == "attention":  # the ablation: all MLP channels of both blocks stay
+            return half.to(home), Merge(position, span, similarity, groups.keep.tolist(),
+                                        list(range(shape.intermediate_size))), None
+        first = targets = None
+        if self.scorer.needs_target or self.one_block_fallback:
             with watch("targets: the two original blocks"):
-                targets = self._run(pair.second, self._run(pair.first, hidden, calls, "first block"), calls,
-                                    "second block")
+                first = self._run(pair.first, hidden, calls, "first block")
+                targets = self._run(pair.second, first, calls, "second block")
         with watch("MLP statistics"):
-            mlp = mlp_stats(half, arch, shape, hidden, calls, targets)
+            mlp = mlp_stats(half, arch, shape, hidden, calls, targets if self.scorer.needs_target else None, weights)
         with watch("selection and refits"):
             channels = self.scorer.select_channels(mlp, want.intermediate_size)
-        del mlp, half, targets
+        del mlp, half
         merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
                       None if groups.weight is None else groups.weight.to(home),
                       None if channels.weight is None else channels.weight.to(home))
         with watch("flatten and prune"):
-            block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj).to(home)
-        return block, merge
+            if self.prune == "mlp":
+                block = select_block(wide, arch, config, position, groups.keep, channels.keep, down_proj=channels.weight)
+                return block.to(home), merge, None
+            block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
+        choice = None
+        if self.one_block_fallback:
+            with watch("one-block fallback"):
+                errors = {"merged": self._unexplained(self._outputs(block, hidden, calls), hidden, targets, weights),
+                          "first block only": self._unexplained(first, hidden, targets, weights),
+                          "second block only": self._unexplained(self._outputs(pair.second, hidden, calls), hidden,
+                                                                 targets, weights)}
+                chosen = min(errors, key=errors.get)
+                choice = {"span": list(span), "chosen": chosen, "unexplained": errors}
+                if chosen != "merged":
+                    g, f = want.num_kv_heads, want.intermediate_size
+                    offset = 0 if chosen == "first block only" else 1
+                    merge = Merge(position, span, similarity, list(range(offset * g, (offset + 1) * g)),
+                                  list(range(offset * f, (offset + 1) * f)))
+                    block = pair.prune(wide, merge.keep_groups, merge.keep_channels)
+        return block.to(home), merge, choice
+
+    def _outputs(self, block: nn.Module, hidden: list[Tensor], calls: list) -> Iterator[Tensor]:
+        """``block``'s output on each batch in turn (not all held at once)."""
+        with on_device(block, self.device):
+            for x, call in zip(hidden, calls):
+                yield run_block(block, [x], [call])[0]
+
+    @staticmethod
+    def _unexplained(outputs: Iterable[Tensor], inputs: list[Tensor], targets: list[Tensor],
+                     weights: list[Tensor] | None) -> float:
+        """The share of the pair's change to its input, ``targets - inputs``, that ``outputs`` miss:
+        ``sum ||outputs - targets||^2 / sum ||targets - inputs||^2`` (0: exact; 1: no better than an identity),
+        each token's squares times its weight, if any."""
+        def squares(a: Tensor, b: Tensor, i: int) -> float:
+            per_token = (token_rows(a).double() - token_rows(b).double()).square().sum(-1)
+            return float(per_token @ weights[i].to(per_token).reshape(-1) if weights else per_token.sum())
+
+        missed = sum(squares(y, t, i) for i, (y, t) in enumerate(zip(outputs, targets)))
+        change = sum(squares(t, x, i) for i, (x, t) in enumerate(zip(inputs, targets)))
+        return missed / max(change, torch.finfo(torch.float64).tiny)

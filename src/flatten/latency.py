@@ -24,7 +24,7 @@ class Latency:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -37,17 +37,17 @@ def _cache_name(model: nn.Module) -> str:
 @torch.inference_mode()
 def _one_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     device, name = ids.device, _cache_name(model)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    synchronize(device)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=token, use_cache=True, **{name: getattr(out, name)})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    synchronize(device)
     return prefill, (time.perf_counter() - start) / new_tokens
 
 

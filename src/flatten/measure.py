@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 
 def _rss_bytes() -> int:
@@ -72,6 +73,29 @@ class Stopwatch:
 
     def rounded(self) -> dict[str, float]:
         return {phase: round(s, 2) for phase, s in self.seconds.items()}
+
+
+def file_backed_fraction(model: nn.Module) -> float | None:
+    """The share of ``model``'s parameter and buffer bytes that lie in memory-mapped files (weights the
+    kernel pages in from disk on use, rather than held in memory); None where ``/proc/self/maps`` is missing."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    mapped = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((start, end))
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    total = sum(storages.values())
+    inside = sum(n for ptr, n in storages.items() if any(a <= ptr and ptr + n <= b for a, b in mapped))
+    return inside / total if total else 0.0
 
 
 def memory_budget(config, tokens: int, batch_tokens: int, weight_bytes: int = 2) -> dict[str, int]:

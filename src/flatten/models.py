@@ -75,12 +75,18 @@ def make_serializable(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` from an embedded model name, a folder or hub id, or a ``.gguf`` file.
 
     GGUF weights are de-quantised to ``dtype``; the model then saves as an ordinary checkpoint.
+    ``dtype="auto"`` keeps a checkpoint's stored dtype: a folder of safetensors then stays on disk,
+    memory-mapped, and its blocks page in when used (a model larger than memory can be compressed).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype) and dtype != "auto":
+        raise ValueError(f"dtype must be a torch.dtype or 'auto', got {dtype!r}")
 
     source = str(source)
     if source in EMBEDDED_MODELS:
@@ -101,6 +107,21 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype = torch.float
         raise ValueError(f"cannot load a model and tokenizer from {source}: {type(error).__name__}: {error}") from error
     make_serializable(model)
     return model.to(device).eval(), tokenizer
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when freed.
+
+    By default glibc raises that threshold as large blocks are freed, and then keeps freed blocks of a few MB
+    in its heap, where fragmentation holds them: over the merges of a deep model the process grows by
+    hundreds of MB that it no longer uses. Call this at the start of a process that compresses a model larger
+    than its memory (``flatten compress`` does). Returns False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
