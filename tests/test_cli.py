@@ -3,6 +3,7 @@ command on the real SmolLM2-135M."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -77,8 +78,10 @@ def test_compress_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, extra, sa
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_compress_with_fixed_spans(tiny, tmp_path):
+def test_compress_with_fixed_spans(tiny, tmp_path, monkeypatch):
     out = tmp_path / "fixed"
+    tuned = []  # --dtype auto tunes glibc for the rest of the process: not in the test process
+    monkeypatch.setattr("flatten.cli.map_large_allocations", lambda: tuned.append(True))
     code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
                                      "--dtype", "auto", "--one-block-fallback", "--token-weighting", "input-rms",
                                      "--no-eval", "--no-latency", *FAST)])
@@ -86,7 +89,14 @@ def test_compress_with_fixed_spans(tiny, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["merges"][-1]["span"] == [1, 3]
     assert plan["method"]["token_weighting"] == "input-rms" and len(plan["method"]["merge_choices"]) == 2
+    assert tuned == [True]
     assert "flattened spans 1-3" in json.loads((out / "flatten_run.json").read_text())["what"]
+
+
+def test_map_large_allocations_tunes_glibc():
+    code = "from flatten.models import map_large_allocations; print(map_large_allocations())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")
 
 
 def test_compress_with_a_baseline_strategy(tiny, tmp_path, capsys):
