@@ -23,8 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _add_model(parser: argparse.ArgumentParser, name: str = "model") -> None:
     parser.add_argument(name, help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), folder, hub id or .gguf file")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32); auto: the checkpoint's own, which keeps a safetensors folder "
-                        "on disk (memory-mapped) for models larger than memory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weight dtype (default float32); auto: the checkpoint's own, which keeps a folder of "
+                        "safetensors on disk (memory-mapped), for models larger than memory")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:

@@ -47,14 +47,16 @@ class Flattener(Compressor):
     ``one_block_fallback``: after pruning a flattened pair, compare it with the two selections that keep one
     block whole and drop the other (the first block's KV groups and channels, or the second's), by how much
     of the pair's change to its input (the two original blocks' output minus their input) each fails to
-    reproduce on the calibration data, and keep the best of the three. Flattening then never does worse,
-    block for block, than dropping one of the pair. Each choice is in ``plan.method["merge_choices"]``.
+    reproduce on the calibration data, and keep the best of the three: by that local measure a merge never
+    does worse than dropping one block of its pair (the model's loss need not agree; off by default, see
+    ``benchmarks/RESULTS.md``). Each choice is in ``plan.method["merge_choices"]``.
 
     ``token_weighting``: how much each calibration token's error counts in the statistics that select and
     refit (``"none"``: all alike, the paper's least squares; ``"input-rms"``: divided by the mean square of
-    the pair's input at that token, the scale the next block's RMSNorm divides out). Models with massive
-    activations (Qwen2.5: the first token of a sequence holds 80-90 % of the residual stream's squared norm
-    in its middle blocks) otherwise fit that one token and neglect the rest.
+    the pair's input at that token, the scale the next block's RMSNorm divides out). With massive
+    activations (the first token of a sequence holds most of the residual stream's squared norm in the middle
+    blocks of Qwen2.5 and SmolLM2) plain least squares mostly fit that token; weighting changed Qwen2.5's
+    result little (``benchmarks/RESULTS.md``), so it is off by default.
 
     ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
     resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after

@@ -115,7 +115,7 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
     By default glibc raises that threshold as large blocks are freed, and then keeps freed blocks of a few MB
     in its heap, where fragmentation holds them: over the merges of a deep model the process grows by
     hundreds of MB that it no longer uses. Call this at the start of a process that compresses a model larger
-    than its memory (``flatten compress`` does). Returns False where the C library is not glibc."""
+    than its memory (``flatten compress --dtype auto`` does). Returns False where the C library is not glibc."""
     import ctypes
 
     try:
