@@ -109,8 +109,9 @@ def run(args, folder: Path, out: Path, cgroup: Path | None = None, mapped_alloca
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=join if cgroup else None,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if done.returncode != 0:
-        return {"failed": f"exit status {done.returncode}" + (" (killed: out of memory)" if done.returncode < 0 else ""),
-                "stderr": done.stderr[-2000:]}
+        code = done.returncode
+        failed = f"exit status {code}" if code > 0 else f"killed by signal {-code}" + (" (out of memory)" if code == -9 else "")
+        return {"failed": failed, "stderr": done.stderr[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
