@@ -345,10 +345,13 @@ class Flattener(Compressor):
         choice = None
         if self.one_block_fallback:
             with watch("one-block fallback"):
-                errors = {"merged": self._unexplained(self._outputs(block, hidden, calls), hidden, targets, weights),
-                          "first block only": self._unexplained(first, hidden, targets, weights),
-                          "second block only": self._unexplained(self._outputs(pair.second, hidden, calls), hidden,
-                                                                 targets, weights)}
+                # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
+                # better than an identity)
+                change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
+                errors = {"merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
+                          "first block only": self._squares(first, targets, weights) / change,
+                          "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
+                                                             weights) / change}
                 chosen = min(errors, key=errors.get)
                 choice = {"span": list(span), "chosen": chosen, "unexplained": errors}
                 if chosen != "merged":
@@ -366,15 +369,10 @@ class Flattener(Compressor):
                 yield run_block(block, [x], [call])[0]
 
     @staticmethod
-    def _unexplained(outputs: Iterable[Tensor], inputs: list[Tensor], targets: list[Tensor],
-                     weights: list[Tensor] | None) -> float:
-        """The share of the pair's change to its input, ``targets - inputs``, that ``outputs`` miss:
-        ``sum ||outputs - targets||^2 / sum ||targets - inputs||^2`` (0: exact; 1: no better than an identity),
-        each token's squares times its weight, if any."""
-        def squares(a: Tensor, b: Tensor, i: int) -> float:
-            per_token = (token_rows(a).double() - token_rows(b).double()).square().sum(-1)
-            return float(per_token @ weights[i].to(per_token).reshape(-1) if weights else per_token.sum())
-
-        missed = sum(squares(y, t, i) for i, (y, t) in enumerate(zip(outputs, targets)))
-        change = sum(squares(t, x, i) for i, (x, t) in enumerate(zip(inputs, targets)))
-        return missed / max(change, torch.finfo(torch.float64).tiny)
+    def _squares(a: Iterable[Tensor], b: list[Tensor], weights: list[Tensor] | None) -> float:
+        """``sum ||a - b||^2`` over the batches' tokens, each token's squares times its weight, if any."""
+        total = 0.0
+        for i, (x, y) in enumerate(zip(a, b)):
+            per_token = (token_rows(x).double() - token_rows(y).double()).square().sum(-1)
+            total += float(per_token @ weights[i].to(per_token) if weights else per_token.sum())
+        return total
