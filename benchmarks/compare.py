@@ -8,7 +8,9 @@ A method is a registered strategy (``flatten.compressor.STRATEGIES``: flattengpt
 blockpruner) with optional ``:key=value`` options for its constructor (several joined by ``:``), e.g.
 ``flattengpt:scorer=magnitude:policy=greedy-recompute``; options the constructor does not take go to the
 scorer (``flattengpt:ridge=0.1``), options prefixed ``policy.`` to the pair-selection policy
-(``flattengpt:policy=trial-loss:policy.shortlist=8``). Each runs on a fresh copy of the dense model.
+(``flattengpt:policy=trial-loss:policy.shortlist=8``); ``calibration=N`` gives a method only the first N
+calibration sequences (``flattengpt:calibration=8``: an ablation of the calibration size on nested subsets).
+Each runs on a fresh copy of the dense model.
 Prints a markdown section (command, machine, protocol, table); ``--append FILE`` also appends it to FILE.
 """
 
@@ -60,7 +62,8 @@ def build(name: str, options: dict, model, calibration):
     policy = {k.removeprefix("policy."): v for k, v in options.items() if k.startswith("policy.")}
     if policy:
         own["policy"] = get_policy(own.get("policy", "greedy"), **policy)
-    rest = {k: v for k, v in options.items() if k not in accepted and not k.startswith("policy.")}
+    rest = {k: v for k, v in options.items()
+            if k not in accepted and k != "calibration" and not k.startswith("policy.")}
     if rest:
         if "scorer" not in accepted:
             raise SystemExit(f"{name} takes no options {sorted(rest)}")
@@ -106,8 +109,10 @@ def main() -> None:
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
     methods = [parse_method(m) for m in args.methods.split(",")]
-    for name, _ in methods:
+    for name, options in methods:
         get_strategy(name)  # unknown names fail before anything is loaded
+        if not 1 <= options.get("calibration", 1) <= args.samples:
+            raise SystemExit(f"calibration={options['calibration']} must lie in 1..--samples ({args.samples})")
     removals = [int(k) for k in args.remove.split(",")]
     tasks = None if args.tasks is None else list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     if tasks:
@@ -125,14 +130,15 @@ def main() -> None:
         print({k: v for k, v in row.items()}, flush=True)
         return row
 
-    rows = [measure(model, method="dense", remove=0, parameters=count_parameters(model), seconds=None, peak=None,
-                    what="")]
+    rows = [measure(model, method="dense", remove=0, parameters=count_parameters(model), seconds=None, forward=None,
+                    peak=None, what="")]
     for k in removals:
         for name, options in methods:
             work = copy.deepcopy(model)
+            samples = options.get("calibration", args.samples)
             with PeakMemory() as memory:
                 start = time.perf_counter()
-                work, record = build(name, options, work, calibration).compress(remove=k)
+                work, record = build(name, options, work, calibration[:samples]).compress(remove=k)
                 seconds = time.perf_counter() - start
             label = name + "".join(f" {o}={v}" for o, v in options.items())
             if args.save and options.get("prune", True):  # flatten-only (prune=0) is no stock checkpoint
@@ -141,7 +147,8 @@ def main() -> None:
                 record.save(folder / "decisions.json")
             rows.append(measure(work, method=label, remove=k,
                                 parameters=record.method.get("parameters_effective", count_parameters(work)),
-                                seconds=seconds, peak=memory.peak_bytes, what=record.describe()))
+                                seconds=seconds, forward=forward * samples / args.samples, peak=memory.peak_bytes,
+                                what=record.describe()))
             del work
 
     zero_shot_note = ""
@@ -159,7 +166,7 @@ def main() -> None:
              "removed sub-layers as zero weights in its stock checkpoint). Peak memory: resident set of the process "
              f"during compression (it holds the dense model too). Compress / forward: compression time over "
              f"that of one forward pass of the dense model over the calibration set ({forward:.1f} s, batches of 4, "
-             f"best of two).{zero_shot_note}", "",
+             f"best of two; scaled by the share of it a method with `calibration=N` uses).{zero_shot_note}", "",
              "| method | removed | layers | parameters | WikiText-2 ppl |"
              + "".join(f" {t} |" for t in task_columns) + (" zero-shot mean |" if tasks else "")
              + " compress s | compress / forward | peak RSS GiB | what it did |",
@@ -167,7 +174,7 @@ def main() -> None:
     for r in rows:
         scores = "".join(f" {s.value:.3f} |" for s in r["zero_shot"].scores) + f" {r['zero_shot'].mean:.3f} |" \
             if tasks else ""
-        seconds = " | " if r["seconds"] is None else f"{r['seconds']:.1f} | {r['seconds'] / forward:.1f}"
+        seconds = " | " if r["seconds"] is None else f"{r['seconds']:.1f} | {r['seconds'] / r['forward']:.1f}"
         peak = "" if r["peak"] is None else f"{r['peak'] / GIB:.2f}"
         lines.append(f"| {r['method']} | {r['remove']} | {r['layers']} | {r['parameters']:,} | {r['ppl']:.2f} |{scores} "
                      f"{seconds} | {peak} | {r['what']} |")

@@ -34,7 +34,7 @@ def _same_function(a, b):
 
 def test_every_strategy_is_registered():
     get_strategy("flattengpt")
-    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner"} <= set(STRATEGIES.names())
+    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only"} <= set(STRATEGIES.names())
     with pytest.raises(ValueError, match="unknown strategy 'nope'; known: .*shortgpt"):
         get_strategy("nope")
 
@@ -115,7 +115,32 @@ def test_blockpruner_removes_sublayers_up_to_the_parameter_budget():
     assert steps[0]["loss"] == pytest.approx(losses[first], rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner"])
+def test_prune_only_narrows_every_mlp_to_the_parameter_budget_of_k_blocks():
+    model = tiny_model(SPEC)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    before = sum(p.numel() for p in model.parameters())
+    width = get_strategy("prune-only")(model, CALIBRATION, progress=False).width_for(2)
+    idle = range(SPEC.intermediate_size - width)  # channels that compute nothing: the ones to go
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[idle] = 0
+    original = copy.deepcopy(model)
+    model, record = get_strategy("prune-only")(model, CALIBRATION, scorer="magnitude",
+                                               progress=False).compress(remove=2)
+    per_channel = 3 * SPEC.hidden_size * 6  # gate and up rows, down columns, in six blocks
+    assert record.mlp_width == (SPEC.intermediate_size, width) == (24, 24 - round(2 * block / per_channel))
+    assert model.config.intermediate_size == width and len(model.model.layers) == 6
+    assert abs(before - sum(p.numel() for p in model.parameters()) - 2 * block) <= per_channel / 2
+    for new, old in zip(model.model.layers, original.model.layers):
+        assert new.mlp.up_proj.weight.shape[0] == width
+        torch.testing.assert_close(new.self_attn.state_dict(), old.self_attn.state_dict())
+        torch.testing.assert_close(new.mlp.gate_proj.weight, old.mlp.gate_proj.weight[len(idle):])
+    _same_function(model, original)
+    with pytest.raises(ValueError, match="more than all MLP channels hold"):
+        get_strategy("prune-only")(tiny_model(SPEC), CALIBRATION).compress(remove=5)
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner", "prune-only"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_every_baseline_saves_a_stock_checkpoint(name, model_type, tmp_path):
     spec = TinySpec(model_type, 2, 2, 2, 4, 24, num_layers=6, bias=model_type == "qwen2", dtype=torch.float32)

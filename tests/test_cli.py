@@ -83,12 +83,13 @@ def test_compress_with_fixed_spans(tiny, tmp_path, monkeypatch):
     tuned = []  # --dtype auto tunes glibc for the rest of the process: not in the test process
     monkeypatch.setattr("flatten.cli.map_large_allocations", lambda: tuned.append(True))
     code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
-                                     "--dtype", "auto", "--one-block-fallback", "--token-weighting", "input-rms",
+                                     "--dtype", "auto", "--one-block-fallback", "loss", "--token-weighting", "input-rms",
                                      "--no-eval", "--no-latency", *FAST)])
     assert code == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["merges"][-1]["span"] == [1, 3]
-    assert plan["method"]["token_weighting"] == "input-rms" and len(plan["method"]["merge_choices"]) == 2
+    assert plan["method"]["token_weighting"] == "input-rms" and plan["method"]["one_block_fallback"] == "loss"
+    assert len(plan["method"]["merge_choices"]) == 2
     assert tuned == [True]
     assert "flattened spans 1-3" in json.loads((out / "flatten_run.json").read_text())["what"]
 
@@ -108,6 +109,17 @@ def test_compress_with_a_baseline_strategy(tiny, tmp_path, capsys):
     assert len(removal["removed"]) == 2 and removal["method"]["strategy"] == "shortgpt"
     assert not (out / "similarity.png").exists() and "ShortGPT" in (out / "README.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+
+
+def test_compress_prune_only_takes_a_scorer(tiny, tmp_path, capsys):
+    out = tmp_path / "narrow"
+    code = main(["compress", *_args(tiny, "--strategy", "prune-only", "--scorer", "magnitude", "--remove", "1",
+                                     "--out", str(out), "--quiet", "--no-eval", "--no-latency", *FAST)])
+    assert code == 0 and "pruned the MLP of every block" in capsys.readouterr().out
+    removal = json.loads((out / "removal.json").read_text())
+    assert removal["method"]["scorer"] == "magnitude" and removal["removed"] == []
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert config.num_hidden_layers == 5 and config.intermediate_size == removal["mlp_width"][1]
 
 
 def test_plan_is_a_dry_run(tiny, tmp_path, capsys):

@@ -25,10 +25,10 @@ def _spec(model_type: str) -> TinySpec:
 
 
 def _removed(record) -> list:
-    """What a strategy's record says it took out: merge spans, or removed blocks / sub-layers."""
+    """What a strategy's record says it took out: merge spans, or removed blocks / sub-layers / MLP width."""
     if hasattr(record, "merges"):
         return [(m.span, m.keep_groups) for m in record.merges]
-    return record.removed
+    return record.removed, record.zeroed, record.mlp_width
 
 
 def _assert_same_model(a, b):
@@ -39,7 +39,7 @@ def _assert_same_model(a, b):
     assert (got - expected).norm() <= 1e-4 * expected.norm()
 
 
-@pytest.mark.parametrize("strategy", ["flattengpt", "shortgpt", "sleb", "laco", "blockpruner"])
+@pytest.mark.parametrize("strategy", ["flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES.names())
 def test_each_strategy_gives_the_cpu_result_on_cuda(strategy, model_type):
     original, kind = tiny_model(_spec(model_type)), get_strategy(strategy)

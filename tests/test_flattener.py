@@ -327,6 +327,29 @@ def test_the_one_block_fallback_keeps_the_first_block_where_the_second_adds_noth
     torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("scorer, chosen", [("reconstruction", "first block only"), ("random", "merged")])
+def test_the_loss_fallback_keeps_the_candidate_of_lowest_calibration_loss(scorer, chosen):
+    """As above, judged by the model's loss on the first calibration batch. Without block 2 the model is the
+    original; without block 1 it is the original less block 1; the kept candidate gives the model its loss.
+    (On this random model a random merge happens to lower the loss: the merge is kept there.)"""
+    from flatten.evaluation import mean_nll
+    from flatten.merge import remove_blocks
+
+    model = tiny_model(SPEC)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    batch = [_calibration()[:4]]
+    without = {block: mean_nll(remove_blocks(copy.deepcopy(model), [block]), batch) for block in (1, 2)}
+    model, plan = Flattener(model, _calibration(), scorer=scorer, policy=FixedSpans([(1, 2)]),
+                            one_block_fallback="loss", progress=False).compress()
+    (choice,) = plan.method["merge_choices"]
+    assert choice["loss"]["first block only"] == pytest.approx(without[2], rel=1e-6)
+    assert choice["loss"]["second block only"] == pytest.approx(without[1], rel=1e-6)
+    assert choice["chosen"] == min(choice["loss"], key=choice["loss"].get) == chosen
+    assert mean_nll(model, batch) == pytest.approx(choice["loss"][chosen], rel=1e-6)
+
+
 def test_without_the_fallback_the_pruned_merge_is_kept():
     model = tiny_model(SPEC)
     with torch.no_grad():
@@ -336,7 +359,10 @@ def test_without_the_fallback_the_pruned_merge_is_kept():
                         one_block_fallback=False).compress()
     assert "merge_choices" not in plan.method and plan.method["one_block_fallback"] is False
     assert plan.merges[0].keep_channels != list(range(SPEC.intermediate_size))  # random channels of both blocks
-    with pytest.raises(ValueError, match="one_block_fallback must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="one_block_fallback must be one of False, True, 'reconstruction', 'loss', "
+                                         "got 'yes'"):
         Flattener(model, _calibration(), one_block_fallback="yes")
+    with pytest.raises(ValueError, match="already chooses each merge by the loss"):
+        Flattener(model, _calibration(), policy="trial-loss", one_block_fallback="loss")
     with pytest.raises(ValueError, match="token_weighting must be one of none, input-rms, got 'rms'"):
         Flattener(model, _calibration(), token_weighting="rms")

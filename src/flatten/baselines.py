@@ -1,4 +1,5 @@
-"""Depth-pruning baselines on the same harness as FlattenGPT: ShortGPT, SLEB, LaCo and BlockPruner.
+"""Baselines on the same harness as FlattenGPT: the depth-pruning methods ShortGPT, SLEB, LaCo and
+BlockPruner, and the ablation ``prune-only`` (FlattenGPT's scorer pruning every MLP's width, no flattening).
 
 Each is a registered ``Compressor``: ``Strategy(model, calibration, ...).compress(remove=K | ratio=R)``
 changes the model in place into a stock checkpoint of its family and returns ``(model, Removal)``.
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flatten.calibration import mlp_stats, on_device, run_block
 from flatten.checkpoint import write_atomically
 from flatten.compressor import Compressor, register_strategy
-from flatten.merge import remove_blocks, replace_span, swapped_blocks
+from flatten.criteria.scorers import ChannelScorer, get_scorer
+from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
 from flatten.models import count_parameters
 
 
@@ -32,10 +35,13 @@ class Removal:
     scores: dict = field(default_factory=dict)  # what each decision was based on
     collapsed: list[tuple[int, int]] = field(default_factory=list)  # LaCo: spans merged into their first block
     zeroed: list[tuple[int, str]] = field(default_factory=list)  # BlockPruner: (block, "attention" | "mlp")
+    mlp_width: tuple[int, int] | None = None  # prune-only: every MLP's channels, before and after
 
     def describe(self) -> str:
         """What was done, in a few words."""
-        if self.collapsed:
+        if self.mlp_width:
+            what = "pruned the MLP of every block from {} to {} channels".format(*self.mlp_width)
+        elif self.collapsed:
             what = "collapsed " + " ".join(f"{a}-{c}" for a, c in self.collapsed)
         else:
             what = "removed blocks " + " ".join(map(str, self.removed))
@@ -296,3 +302,60 @@ class BlockPruner(Baseline):
             yield
         finally:
             self.arch.layers_of(self.model)[block].set_submodule(self._sublayer(kind), original)
+
+
+@register_strategy("prune-only")
+class PruneOnly(Baseline):
+    """The ablation "prune only": FlattenGPT's channel scorer (selection and ``down_proj`` refit) applied to
+    each block's own MLP, without flattening. Every MLP is pruned to one narrower width (the config's
+    ``intermediate_size``, so the model stays a stock checkpoint) such that about as many parameters go as
+    ``k`` whole blocks hold. No block is removed, so the model is not faster by ``k`` blocks; attention stays
+    whole (a KV group is too coarse a unit to meet the budget: Qwen2.5-0.5B has two per block). Blocks are
+    pruned in order, each on the activations that reach it through the blocks pruned below it."""
+
+    name = "prune-only"
+    title = "prune only: every MLP narrowed by FlattenGPT's channel scorer, no flattening (ablation)"
+
+    def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
+                 batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        self.scorer = get_scorer(scorer)
+        self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
+
+    def options(self) -> dict:
+        return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer)}
+
+    def width_for(self, k: int) -> int:
+        """The MLP width at which all blocks together hold about ``k`` blocks' parameters fewer."""
+        layers = self.arch.layers_of(self.model)
+        block = sum(p.numel() for p in layers[0].parameters())
+        width = self.arch.shape_of(self.model.config).intermediate_size
+        per_channel = sum(layers[0].get_submodule(path).weight.numel() for path in self.arch.mlp_readers
+                          + (self.arch.down_proj,)) // width
+        per_channel += sum(layers[0].get_submodule(path).bias is not None for path in self.arch.mlp_readers)
+        drop = round(k * block / (len(layers) * per_channel))
+        if drop >= width:
+            raise ValueError(f"the parameters of {k} blocks are more than all MLP channels hold; prune-only can "
+                             f"remove at most {(width - 1) * len(layers) * per_channel // block} blocks' worth")
+        return width - drop
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        config, layers = self.model.config, self.arch.layers_of(self.model)
+        shape, width = self.arch.shape_of(config), self.width_for(k)
+        inputs = self._capture()
+        hidden = inputs.hidden
+        for i in tqdm(range(len(layers)), desc="prune-only", unit="block", disable=not self.progress):
+            calls, home = inputs.calls[i], next(layers[i].parameters()).device
+            with on_device(layers[i], self.device) as block:
+                targets = run_block(block, hidden, calls, f"block {i}") if self.scorer.needs_target else None
+                stats = mlp_stats(block, self.arch, shape, hidden, calls, targets)
+                channels = self.scorer.select_channels(stats, width)
+                del stats, targets
+                narrow = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep,
+                                      down_proj=channels.weight)
+            layers[i] = narrow.to(home)
+            if i + 1 < len(layers):
+                hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
+        setattr(config, self.arch.intermediate_size_field, width)
+        return self.model, self._record(start, mlp_width=(shape.intermediate_size, width))

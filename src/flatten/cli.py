@@ -85,14 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     compress.add_argument("--strategy", default="flattengpt",
-                          help="flattengpt (default) or a baseline: shortgpt, sleb, laco, blockpruner")
-    compress.add_argument("--scorer", default=None, help="flattengpt's channel scorer (default 'reconstruction')")
+                          help="flattengpt (default) or a baseline: shortgpt, sleb, laco, blockpruner, or the "
+                          "ablation prune-only (every MLP narrowed to the same parameter budget, no block removed)")
+    compress.add_argument("--scorer", default=None,
+                          help="flattengpt's or prune-only's channel scorer (default 'reconstruction')")
     compress.add_argument("--checkpoint", default=None, metavar="FILE",
                           help="flattengpt: save the progress into this plan file after every merge; if it exists, "
                           "resume from it (same command, same result as an uninterrupted run)")
-    compress.add_argument("--one-block-fallback", action="store_true",
-                          help="flattengpt: keep one of the two blocks whole instead of the pruned merge where that "
-                          "reproduces the pair better on the calibration data")
+    compress.add_argument("--one-block-fallback", nargs="?", const="reconstruction", choices=["reconstruction", "loss"],
+                          default=False, help="flattengpt: keep one of the two blocks whole instead of the pruned "
+                          "merge where that reproduces the pair better on the calibration data (reconstruction, the "
+                          "default) or gives a lower calibration loss (loss)")
     compress.add_argument("--token-weighting", choices=["none", "input-rms"], default=None,
                           help="flattengpt: how each calibration token's error counts in selection and refits "
                           "(default none; input-rms divides it by the block input's mean square at that token)")
@@ -290,10 +293,13 @@ def run_compress(args) -> None:
                        one_block_fallback=args.one_block_fallback,
                        **({"scorer": args.scorer} if args.scorer else {}),
                        **({"token_weighting": args.token_weighting} if args.token_weighting else {}))
-    elif (args.scorer or args.spans or args.policy != "greedy" or args.similarity != "cosine" or args.checkpoint
-          or args.one_block_fallback or args.token_weighting):
-        raise ValueError("--scorer, --policy, --spans, --similarity, --checkpoint, --one-block-fallback and "
-                         "--token-weighting go with --strategy flattengpt")
+    elif args.strategy == "prune-only" and args.scorer:
+        options["scorer"] = args.scorer
+    if args.strategy != "flattengpt" and (args.spans or args.policy != "greedy" or args.similarity != "cosine"
+                                          or args.checkpoint or args.one_block_fallback or args.token_weighting
+                                          or args.scorer and args.strategy != "prune-only"):
+        raise ValueError("--policy, --spans, --similarity, --checkpoint, --one-block-fallback and --token-weighting "
+                         "go with --strategy flattengpt; --scorer with flattengpt or prune-only")
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)

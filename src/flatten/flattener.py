@@ -23,6 +23,7 @@ from flatten.plan import Merge, Plan, model_signature
 
 
 TOKEN_WEIGHTINGS = ("none", "input-rms")
+FALLBACKS = (False, True, "reconstruction", "loss")
 
 
 @register_strategy("flattengpt")
@@ -45,11 +46,13 @@ class Flattener(Compressor):
     block and leave the other at double width: ablations that tell where pruning loses (not saveable either).
 
     ``one_block_fallback``: after pruning a flattened pair, compare it with the two selections that keep one
-    block whole and drop the other (the first block's KV groups and channels, or the second's), by how much
-    of the pair's change to its input (the two original blocks' output minus their input) each fails to
-    reproduce on the calibration data, and keep the best of the three: by that local measure a merge never
-    does worse than dropping one block of its pair (the model's loss need not agree; off by default, see
-    ``benchmarks/RESULTS.md``). Each choice is in ``plan.method["merge_choices"]``.
+    block whole and drop the other (the first block's KV groups and channels, or the second's), and keep the
+    best of the three. ``True`` or ``"reconstruction"`` judges them locally, by how much of the pair's change
+    to its input (the two original blocks' output minus their input) each fails to reproduce on the
+    calibration data; ``"loss"`` by the model's loss on the first calibration batch with the candidate in
+    place of the pair and the blocks above it as they are (three forward passes of that batch from the pair
+    up, per merge, where the model is). Off by default (``benchmarks/RESULTS.md``). Each choice is in
+    ``plan.method["merge_choices"]``.
 
     ``token_weighting``: how much each calibration token's error counts in the statistics that select and
     refit (``"none"``: all alike, the paper's least squares; ``"input-rms"``: divided by the mean square of
@@ -70,17 +73,18 @@ class Flattener(Compressor):
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
-                 checkpoint: str | Path | None = None, one_block_fallback: bool = False,
+                 checkpoint: str | Path | None = None, one_block_fallback: bool | str = False,
                  token_weighting: str = "none"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
-        if one_block_fallback not in (True, False):
-            raise ValueError(f"one_block_fallback must be True or False, got {one_block_fallback!r}")
+        if one_block_fallback not in FALLBACKS:
+            raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
+                             f"got {one_block_fallback!r}")
         if token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {token_weighting!r}")
         if prune not in (True, False, "attention", "mlp"):
             raise ValueError(f"prune must be True, False, 'attention' or 'mlp', got {prune!r}")
         self.prune = prune if isinstance(prune, str) else bool(prune)
-        self.one_block_fallback = bool(one_block_fallback)
+        self.one_block_fallback = {False: False, True: "reconstruction"}.get(one_block_fallback, one_block_fallback)
         self.token_weighting = token_weighting
         if checkpoint is not None and self.prune is not True:
             raise ValueError(f"wide blocks (prune={self.prune!r}) cannot be replayed from a plan: no checkpoint")
@@ -88,6 +92,9 @@ class Flattener(Compressor):
             raise ValueError(f"the one-block fallback compares pruned merges; it does not go with prune={self.prune!r}")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
+        if self.one_block_fallback == "loss" and self.policy.trial:
+            raise ValueError(f"{self.policy!r} already chooses each merge by the loss; one_block_fallback='loss' "
+                             "does not go with it")
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
@@ -325,7 +332,7 @@ class Flattener(Compressor):
             return half.to(home), Merge(position, span, similarity, groups.keep.tolist(),
                                         list(range(shape.intermediate_size))), None
         first = targets = None
-        if self.scorer.needs_target or self.one_block_fallback:
+        if self.scorer.needs_target or self.one_block_fallback == "reconstruction":
             with watch("targets: the two original blocks"):
                 first = self._run(pair.first, hidden, calls, "first block")
                 targets = self._run(pair.second, first, calls, "second block")
@@ -345,15 +352,22 @@ class Flattener(Compressor):
         choice = None
         if self.one_block_fallback:
             with watch("one-block fallback"):
-                # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
-                # better than an identity)
-                change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
-                errors = {"merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
-                          "first block only": self._squares(first, targets, weights) / change,
-                          "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
-                                                             weights) / change}
+                if self.one_block_fallback == "loss":  # the model's loss with each candidate in place of the pair
+                    block = block.to(home)
+                    key, errors = "loss", {
+                        name: self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
+                        for name, candidate in (("merged", block), ("first block only", pair.first),
+                                                ("second block only", pair.second))}
+                else:  # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
+                    # better than an identity)
+                    change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
+                    key, errors = "unexplained", {
+                        "merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
+                        "first block only": self._squares(first, targets, weights) / change,
+                        "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
+                                                           weights) / change}
                 chosen = min(errors, key=errors.get)
-                choice = {"span": list(span), "chosen": chosen, "unexplained": errors}
+                choice = {"span": list(span), "chosen": chosen, key: errors}
                 if chosen != "merged":
                     g, f = want.num_kv_heads, want.intermediate_size
                     offset = 0 if chosen == "first block only" else 1

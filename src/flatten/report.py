@@ -112,8 +112,10 @@ def model_card(record: dict) -> str:
         "",
         f"# {record['name']}",
         "",
-        f"`{record['base_model']}` with its depth reduced from {layers_before} to {layers_after} decoder blocks by "
-        f"{record['strategy']}, made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
+        f"`{record['base_model']}` "
+        + (f"with its depth reduced from {layers_before} to {layers_after} decoder blocks"
+           if layers_after < layers_before else f"with all {layers_after} decoder blocks kept")
+        + f" by {record['strategy']}, made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
         "It is a stock checkpoint of its architecture: load it with `AutoModelForCausalLM.from_pretrained(folder)`.",
         "",
         "## How it was made",
@@ -121,7 +123,7 @@ def model_card(record: dict) -> str:
         f"- What was done (block indices of the original model): {record['what']}.",
         *([f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, "
            f"similarity `{method['similarity']}`. Each flattened span became one block: the blocks' attention heads "
-           "and MLP channels side by side, then pruned back to the original width."] if "scorer" in method else []),
+           "and MLP channels side by side, then pruned back to the original width."] if "policy" in method else []),
         f"- Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
         f"{record['calibration']['source']}.",
         f"- Every decision is in `{record['decisions']}`; the full record of the run is `flatten_run.json`.",
