@@ -57,13 +57,13 @@ def build(name: str, options: dict, model, calibration):
     ``flattengpt:scorer=reconstruction:ridge=0.1``, or with a ``policy.`` prefix to its pair-selection
     policy, e.g. ``flattengpt:policy=trial-loss:policy.shortlist=8``."""
     strategy = get_strategy(name)
-    accepted = set(inspect.signature(strategy.__init__).parameters)
+    accepted = set(inspect.signature(strategy.__init__).parameters) - {"self", "model", "calibration"}
     own = {k: v for k, v in options.items() if k in accepted}
     policy = {k.removeprefix("policy."): v for k, v in options.items() if k.startswith("policy.")}
     if policy:
         own["policy"] = get_policy(own.get("policy", "greedy"), **policy)
     rest = {k: v for k, v in options.items()
-            if k not in accepted and k != "calibration" and not k.startswith("policy.")}
+            if k not in accepted and k != "calibration" and not k.startswith("policy.")}  # calibration: main()
     if rest:
         if "scorer" not in accepted:
             raise SystemExit(f"{name} takes no options {sorted(rest)}")
