@@ -13,6 +13,7 @@ from flatten.criteria import (
     SIMILARITIES,
     FixedSpans,
     GreedySimilarity,
+    get_policy,
     get_scorer,
     ridge_leverage,
     ridge_refit,
@@ -103,6 +104,21 @@ def test_greedy_merges_the_most_similar_span_ends():
     assert policy.next_merge(s, groups) == 1  # S[1, 2] = 0.9
     groups = [(0, 0), (1, 2), (3, 3)]
     assert policy.next_merge(s, groups) == 0  # S[0, 2] = 0.4 vs S[1, 3] = 0.3
+
+
+def test_greedy_can_keep_the_last_blocks_out_of_every_merge():
+    s = torch.tensor([[1.0, 0.2, 0.1, 0.1],
+                      [0.2, 1.0, 0.5, 0.3],
+                      [0.1, 0.5, 1.0, 0.9],
+                      [0.1, 0.3, 0.9, 1.0]])
+    groups = [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert GreedySimilarity().next_merge(s, groups) == 2  # S[2, 3] = 0.9: the last block
+    assert GreedySimilarity(keep_last=1).next_merge(s, groups) == 1  # S[1, 2] = 0.5
+    assert GreedySimilarity(keep_last=2).next_merge(s, groups) == 0
+    with pytest.raises(ValueError, match="no pair of groups left to merge below the last 3 blocks"):
+        GreedySimilarity(keep_last=3).next_merge(s, groups)
+    with pytest.raises(ValueError, match="keep_last must be an int >= 0, got -1"):
+        get_policy("greedy", keep_last=-1)
 
 
 def test_fixed_spans_are_validated():
