@@ -99,7 +99,7 @@ def test_greedy_merges_the_most_similar_span_ends():
                       [0.5, 1.0, 0.9, 0.3],
                       [0.4, 0.9, 1.0, 0.8],
                       [0.1, 0.3, 0.8, 1.0]])
-    policy = GreedySimilarity()
+    policy = GreedySimilarity(keep_last=0)
     groups = [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert policy.next_merge(s, groups) == 1  # S[1, 2] = 0.9
     groups = [(0, 0), (1, 2), (3, 3)]
@@ -112,11 +112,10 @@ def test_greedy_can_keep_the_last_blocks_out_of_every_merge():
                       [0.1, 0.5, 1.0, 0.9],
                       [0.1, 0.3, 0.9, 1.0]])
     groups = [(0, 0), (1, 1), (2, 2), (3, 3)]
-    assert GreedySimilarity().next_merge(s, groups) == 2  # S[2, 3] = 0.9: the last block
-    assert GreedySimilarity(keep_last=1).next_merge(s, groups) == 1  # S[1, 2] = 0.5
+    assert GreedySimilarity(keep_last=0).next_merge(s, groups) == 2  # S[2, 3] = 0.9: the last block
+    assert GreedySimilarity().next_merge(s, groups) == 1  # S[1, 2] = 0.5: by default the last block is kept
     assert GreedySimilarity(keep_last=2).next_merge(s, groups) == 0
-    with pytest.raises(ValueError, match="no pair of groups left to merge below the last 3 blocks"):
-        GreedySimilarity(keep_last=3).next_merge(s, groups)
+    assert GreedySimilarity(keep_last=3).next_merge(s, groups) == 2  # nothing else left: the best pair
     with pytest.raises(ValueError, match="keep_last must be an int >= 0, got -1"):
         get_policy("greedy", keep_last=-1)
 

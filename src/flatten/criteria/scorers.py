@@ -153,14 +153,15 @@ class FlattenGPTScorer(ChannelScorer):
         self.heads, self.refit_o, self.target, self.ridge, self.o_ridge = heads, refit_o, target, float(ridge), float(o_ridge)
         self.needs_target = target == "sequential"
 
-    def _refit_o(self, stats: AttentionStats, keep: Tensor) -> Tensor:
+    def refit_o_proj(self, stats: AttentionStats, keep: Tensor) -> Tensor:
+        """The ridge refit of ``o_proj`` for the KV groups ``keep`` (sorted) to the wide attention's output."""
         rows = torch.cat([stats.group_rows(int(g)) for g in keep])
         cross = stats.gram @ stats.weights["o"].double().T
         return ridge_refit(stats.gram, cross, rows, stats.weights["o"], self.o_ridge)
 
-    def _reconstruction_errors(self, stats: AttentionStats, candidates: list[list[int]]) -> list[float]:
+    def attention_errors(self, stats: AttentionStats, candidates: list[list[int]]) -> list[float]:
         """Squared error of the attention output (summed over tokens) when only the groups of a candidate
-        remain, for each candidate."""
+        remain (with the ``o_proj`` refit if ``refit_o``), for each candidate."""
         w = stats.weights["o"].double()
         if self.refit_o:
             total = float(torch.einsum("oi,ij,oj->", w, stats.gram, w))
@@ -185,10 +186,10 @@ class FlattenGPTScorer(ChannelScorer):
         else:
             kept_list = list(range(stats.shape.num_kv_heads))
             while len(kept_list) > keep:
-                errors = self._reconstruction_errors(stats, [[g for g in kept_list if g != drop] for drop in kept_list])
+                errors = self.attention_errors(stats, [[g for g in kept_list if g != drop] for drop in kept_list])
                 kept_list.pop(min(range(len(errors)), key=errors.__getitem__))
             kept = torch.tensor(kept_list, dtype=torch.long)
-        return Choice(kept, self._refit_o(stats, kept) if self.refit_o else None)
+        return Choice(kept, self.refit_o_proj(stats, kept) if self.refit_o else None)
 
     def score_channels(self, stats: MlpStats) -> Tensor:
         return ridge_leverage(stats.gram, self.ridge)
