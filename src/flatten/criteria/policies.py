@@ -42,9 +42,9 @@ class PairPolicy:
 class GreedySimilarity(PairPolicy):
     """The paper's greedy merge: the adjacent groups whose merged span ``a..c`` has the most similar
     first and last block inputs, ``S[a, c]``. Ties go to the lower blocks. ``keep_last=n``: merge none of the
-    last ``n`` blocks while other pairs are left (default 1; the paper's is 0). The input similarity does not see what the
-    last block does to the output: on Qwen2.5-0.5B the last two blocks were a chosen pair, and keeping the last
-    block out lowered the perplexity from 98.76 to 73.93 (``benchmarks/RESULTS.md``)."""
+    last ``n`` blocks while other pairs are left (default 1; the paper's is 0). The input similarity does not
+    see what the last block does to the output: on Qwen2.5-0.5B the last two blocks were a chosen pair, and
+    keeping the last block out lowered the perplexity from 98.76 to 73.93 (``benchmarks/RESULTS.md``)."""
 
     def __init__(self, recompute: bool = False, keep_last: int = 1):
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
