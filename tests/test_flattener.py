@@ -192,6 +192,23 @@ def test_flatten_only_keeps_the_wide_blocks_and_computes_the_flattened_sum():
         Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 3)]), prune=False, progress=False).compress()
 
 
+def test_merges_in_isolation_are_the_blocks_a_single_merge_would_build():
+    spec = TinySpec("qwen2", 2, 2, 2, 4, 16, num_layers=6, bias=True, dtype=torch.float64)
+    calibration = _calibration()
+    model = tiny_model(spec)
+    before = copy.deepcopy(model)
+    found = list(Flattener(model, calibration, progress=False).merges_in_isolation([3, 1]))
+    assert [i for i, _, _ in found] == [1, 3] and _same_weights(model, before)
+    for i, wide, merged in found:
+        single, _ = Flattener(copy.deepcopy(before), calibration, policy=FixedSpans([(i, i + 1)]),
+                              progress=False).compress()
+        assert _same_weights(merged, single.model.layers[i])
+        assert _same_weights(wide, BlockPair(copy.deepcopy(before), i).flatten())
+    for bad in ([], [5], [-1], [True]):
+        with pytest.raises(ValueError, match=r"positions must be block indices 0\.\.4"):
+            next(Flattener(model, calibration, progress=False).merges_in_isolation(bad))
+
+
 @pytest.mark.parametrize("half", ["attention", "mlp"])
 def test_pruning_only_one_half_leaves_the_other_wide(half):
     """The ablations prune="attention" / "mlp": the pruned half has the model's width, the other keeps both

@@ -125,6 +125,24 @@ class Flattener(Compressor):
         similarity = self.similarity_matrix()
         return self._greedy_groups(similarity, k), similarity
 
+    def merges_in_isolation(self, positions: Iterable[int]) -> Iterator[tuple[int, nn.Module, nn.Module]]:
+        """For each ``i`` in ``positions``, in order: ``(i, wide, merged)``, the flattened block of blocks ``i``
+        and ``i + 1`` of the model as it is, and the pruned merge ``compress`` would put in their place if it
+        were the only merge (chosen on the model's own activations at block ``i``). The model is not changed;
+        one pass of the calibration set up to the last position in all. For finding which merges cost what
+        (``benchmarks/pairs.py``)."""
+        wanted, count = sorted(set(positions)), len(self.arch.layers_of(self.model))
+        bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count - 1]
+        if not wanted or bad:
+            raise ValueError(f"positions must be block indices 0..{count - 2} (a pair starts there), got "
+                             f"{bad or 'none'}")
+        for i, hidden, calls in self._block_inputs(self.batches):
+            if i in wanted:
+                merged, _, _ = self._build_merge(i, (i, i + 1), None, hidden, calls)
+                yield i, BlockPair(self.model, i).flatten(), merged
+            if i == wanted[-1]:
+                return
+
     def _greedy_groups(self, similarity: Tensor, k: int) -> list[Span]:
         groups = [(i, i) for i in range(similarity.shape[0])]
         for _ in range(k):
