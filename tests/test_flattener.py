@@ -209,6 +209,31 @@ def test_merges_in_isolation_are_the_blocks_a_single_merge_would_build():
             next(Flattener(model, calibration, progress=False).merges_in_isolation(bad))
 
 
+def test_fitting_to_the_dense_model_changes_only_the_merges_above_another():
+    """fit_to="dense": the first merge sees the dense model's input, so it is the same as with "pair"; a merge
+    above it fits the dense model's activations, which its least-squares refit then reproduces better."""
+    spec = TinySpec("qwen2", 2, 2, 2, 4, 16, num_layers=6, bias=True, dtype=torch.float64)
+    calibration, spans = _calibration(samples=8, length=16), FixedSpans([(0, 1), (3, 4)])
+    dense = tiny_model(spec)
+    runs = {fit: Flattener(copy.deepcopy(dense), calibration, policy=spans, progress=False, fit_to=fit).compress()
+            for fit in ("pair", "dense")}
+    (pair, pair_plan), (fitted, fitted_plan) = runs["pair"], runs["dense"]
+    assert _same_weights(pair.model.layers[0], fitted.model.layers[0])
+    assert not torch.equal(pair.model.layers[2].mlp.down_proj.weight, fitted.model.layers[2].mlp.down_proj.weight)
+    assert fitted_plan.method["fit_to"] == "dense" and pair_plan.method["fit_to"] == "pair"
+
+    def after(model, blocks):  # hidden states after that many blocks
+        return model(calibration, output_hidden_states=True).hidden_states[blocks]
+
+    target = after(dense, 5)
+    errors = {fit: (after(model, 3) - target).square().sum() for fit, (model, _) in runs.items()}
+    assert errors["dense"] < errors["pair"]
+    with pytest.raises(ValueError, match="fit_to must be one of 'pair', 'dense', got 'teacher'"):
+        Flattener(dense, calibration, fit_to="teacher")
+    with pytest.raises(ValueError, match="fit_to='dense' needs a one-shot policy"):
+        Flattener(dense, calibration, fit_to="dense", policy="greedy-recompute")
+
+
 @pytest.mark.parametrize("half", ["attention", "mlp"])
 def test_pruning_only_one_half_leaves_the_other_wide(half):
     """The ablations prune="attention" / "mlp": the pruned half has the model's width, the other keeps both
@@ -276,10 +301,12 @@ def test_bfloat16_weights_give_the_float32_result_within_rounding():
     assert error < 0.1
 
 
-@pytest.mark.parametrize("policy", ["greedy", "greedy-recompute", "trial-loss"])
-def test_an_interrupted_compression_resumes_to_the_same_weights(policy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("policy, options", [("greedy", {}), ("greedy-recompute", {}), ("trial-loss", {}),
+                                             ("greedy", {"fit_to": "dense"})])
+def test_an_interrupted_compression_resumes_to_the_same_weights(policy, options, tmp_path, monkeypatch):
     original, calibration, checkpoint = tiny_model(SPEC), _calibration(), tmp_path / "progress.json"
-    whole, plan = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False).compress(remove=3)
+    whole, plan = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
+                            **options).compress(remove=3)
 
     merge, merged = Flattener._merge, []
 
@@ -292,17 +319,17 @@ def test_an_interrupted_compression_resumes_to_the_same_weights(policy, tmp_path
     monkeypatch.setattr(Flattener, "_merge", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
-                  checkpoint=checkpoint).compress(remove=3)
+                  checkpoint=checkpoint, **options).compress(remove=3)
     monkeypatch.undo()
     assert [tuple(m.span) for m in Plan.load(checkpoint).merges] == merged
 
     for changed, says in [({"calibration": _calibration(seed=1)}, "calibration"), ({"remove": 2}, "remove 3, now 2")]:
         with pytest.raises(ValueError, match=says):
             Flattener(copy.deepcopy(original), changed.get("calibration", calibration), policy=policy,
-                      progress=False, checkpoint=checkpoint).compress(remove=changed.get("remove", 3))
+                      progress=False, checkpoint=checkpoint, **options).compress(remove=changed.get("remove", 3))
 
     resumed, again = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
-                               checkpoint=checkpoint).compress(remove=3)
+                               checkpoint=checkpoint, **options).compress(remove=3)
     assert _same_weights(resumed, whole) and again.spans == plan.spans
     assert Plan.load(checkpoint).removed == 3
 

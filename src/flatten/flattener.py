@@ -24,6 +24,7 @@ from flatten.plan import Merge, Plan, model_signature
 
 TOKEN_WEIGHTINGS = ("none", "input-rms")
 FALLBACKS = (False, True, "reconstruction", "loss")
+FIT_TARGETS = ("pair", "dense")
 
 
 @register_strategy("flattengpt")
@@ -61,6 +62,13 @@ class Flattener(Compressor):
     blocks of Qwen2.5 and SmolLM2) plain least squares mostly fit that token; weighting changed Qwen2.5's
     result little (``benchmarks/RESULTS.md``), so it is off by default.
 
+    ``fit_to``: what a scorer with a target (the default's ``down_proj`` refit) fits the pruned block's output
+    to. ``"pair"``: the two original blocks applied to the block's input in the compressed model (what the
+    pair would have computed there). ``"dense"``: the original model's activations at that depth (the pair's
+    output in the uncompressed model on the same tokens), so that each merge also corrects what the merges
+    below it changed; it runs the original blocks alongside (about one more forward pass of the blocks up to
+    the last merge, one more block boundary's activations held). One-shot policies only.
+
     ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
     resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after
     them, to the same weights as a run that was never interrupted. It must come from the same model,
@@ -74,7 +82,7 @@ class Flattener(Compressor):
                  policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
                  checkpoint: str | Path | None = None, one_block_fallback: bool | str = False,
-                 token_weighting: str = "none"):
+                 token_weighting: str = "none", fit_to: str = "pair"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
@@ -86,6 +94,9 @@ class Flattener(Compressor):
         self.prune = prune if isinstance(prune, str) else bool(prune)
         self.one_block_fallback = {False: False, True: "reconstruction"}.get(one_block_fallback, one_block_fallback)
         self.token_weighting = token_weighting
+        if fit_to not in FIT_TARGETS:
+            raise ValueError(f"fit_to must be one of {', '.join(map(repr, FIT_TARGETS))}, got {fit_to!r}")
+        self.fit_to = fit_to
         if checkpoint is not None and self.prune is not True:
             raise ValueError(f"wide blocks (prune={self.prune!r}) cannot be replayed from a plan: no checkpoint")
         if one_block_fallback and self.prune is not True:
@@ -95,6 +106,9 @@ class Flattener(Compressor):
         if self.one_block_fallback == "loss" and self.policy.trial:
             raise ValueError(f"{self.policy!r} already chooses each merge by the loss; one_block_fallback='loss' "
                              "does not go with it")
+        if fit_to == "dense" and (self.policy.trial or self.policy.recompute):
+            raise ValueError(f"fit_to='dense' needs a one-shot policy (the original model's activations are "
+                             f"computed alongside one pass), not {self.policy!r}")
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
@@ -172,6 +186,7 @@ class Flattener(Compressor):
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
                 "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
                 "one_block_fallback": self.one_block_fallback, "token_weighting": self.token_weighting,
+                "fit_to": self.fit_to,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
                                 "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
@@ -188,14 +203,23 @@ class Flattener(Compressor):
         groups = self._greedy_groups(similarity, k)
         last = max(g for g, (a, c) in enumerate(groups) if c > a)
         hidden, position, step = inputs.hidden, 0, 0
+        original = hidden if self.fit_to == "dense" else None  # the uncompressed model's activations, same boundary
         inputs.hidden = []  # only the boundary in hand stays in memory
         for g, (a, c) in enumerate(tqdm(groups[: last + 1], desc="flattening", unit="block", disable=not self.progress)):
             calls = inputs.calls[a]
+            outputs = []  # the original model's activations after blocks a+1 .. c: the targets of this span's merges
+            if original is not None:
+                with self.watch("original model's activations"):
+                    for j in range(a, c + 1):
+                        original = self._run(layers[position + j - a], original, inputs.calls[j], f"original block {j}")
+                        if j > a:
+                            outputs.append(original)
             for j in range(a + 1, c + 1):
                 if step < done:
                     self._replay(plan.merges[step], position, (a, j))
                 else:
-                    plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls))
+                    plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls,
+                                                   outputs[j - a - 1] if outputs else None))
                     self._save_progress(plan)
                 step += 1
             if g == last:
@@ -301,19 +325,21 @@ class Flattener(Compressor):
         neighbours = torch.tensor([float(similarity[i, i + 1]) for i in range(pairs)])
         return set(neighbours.argsort(descending=True, stable=True)[:shortlist].tolist())
 
-    def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list) -> Merge:
+    def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list,
+               fit_targets: list[Tensor] | None = None) -> Merge:
         """Flatten blocks ``position`` and ``position + 1``, choose what to keep on ``hidden`` (their input
         in the compressed model), prune, compensate, and put the result in the model."""
-        block, merge, choice = self._build_merge(position, span, similarity, hidden, calls)
+        block, merge, choice = self._build_merge(position, span, similarity, hidden, calls, fit_targets)
         if choice is not None:
             self._choices.append(choice)
         BlockPair(self.model, position).replace(block)
         return merge
 
     def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
-                     calls: list) -> tuple[nn.Module, Merge, dict | None]:
+                     calls: list, fit_targets: list[Tensor] | None = None) -> tuple[nn.Module, Merge, dict | None]:
         """The block that would replace blocks ``position`` and ``position + 1``, its Merge record, and the
-        one-block-fallback choice (None without it); the model is not changed."""
+        one-block-fallback choice (None without it); the model is not changed. A scorer with a target fits
+        the output to ``fit_targets`` if given, else to the two original blocks' output on ``hidden``."""
         arch, config = self.arch, self.model.config
         want = arch.shape_of(config)
         pair = BlockPair(self.model, position)
@@ -350,12 +376,13 @@ class Flattener(Compressor):
             return half.to(home), Merge(position, span, similarity, groups.keep.tolist(),
                                         list(range(shape.intermediate_size))), None
         first = targets = None
-        if self.scorer.needs_target or self.one_block_fallback == "reconstruction":
+        if (self.scorer.needs_target and fit_targets is None) or self.one_block_fallback == "reconstruction":
             with watch("targets: the two original blocks"):
                 first = self._run(pair.first, hidden, calls, "first block")
                 targets = self._run(pair.second, first, calls, "second block")
         with watch("MLP statistics"):
-            mlp = mlp_stats(half, arch, shape, hidden, calls, targets if self.scorer.needs_target else None, weights)
+            fit = fit_targets if fit_targets is not None else targets
+            mlp = mlp_stats(half, arch, shape, hidden, calls, fit if self.scorer.needs_target else None, weights)
         with watch("selection and refits"):
             channels = self.scorer.select_channels(mlp, want.intermediate_size)
         del mlp, half
