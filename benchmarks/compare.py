@@ -8,9 +8,9 @@ A method is a registered strategy (``flatten.compressor.STRATEGIES``: flattengpt
 blockpruner) with optional ``:key=value`` options for its constructor (several joined by ``:``), e.g.
 ``flattengpt:scorer=magnitude:policy=greedy-recompute``; options the constructor does not take go to the
 scorer (``flattengpt:ridge=0.1``), options prefixed ``policy.`` to the pair-selection policy
-(``flattengpt:policy=trial-loss:policy.shortlist=8``); ``calibration=N`` gives a method only the first N
-calibration sequences (``flattengpt:calibration=8``: an ablation of the calibration size on nested subsets).
-Each runs on a fresh copy of the dense model.
+(``flattengpt:policy=trial-loss:policy.shortlist=8``, ``flattengpt:policy=fixed:policy.spans=9-10+13-14``);
+``calibration=N`` gives a method only the first N calibration sequences (``flattengpt:calibration=8``: an
+ablation of the calibration size on nested subsets). Each runs on a fresh copy of the dense model.
 Prints a markdown section (command, machine, protocol, table); ``--append FILE`` also appends it to FILE.
 """
 
@@ -60,6 +60,8 @@ def build(name: str, options: dict, model, calibration):
     accepted = set(inspect.signature(strategy.__init__).parameters) - {"self", "model", "calibration"}
     own = {k: v for k, v in options.items() if k in accepted}
     policy = {k.removeprefix("policy."): v for k, v in options.items() if k.startswith("policy.")}
+    if isinstance(policy.get("spans"), str):  # policy=fixed:policy.spans=9-10+13-14
+        policy["spans"] = [tuple(int(i) for i in span.split("-")) for span in policy["spans"].split("+")]
     if policy:
         own["policy"] = get_policy(own.get("policy", "greedy"), **policy)
     rest = {k: v for k, v in options.items()

@@ -70,8 +70,8 @@ def main() -> None:
              f"{args.batch_size}, best of two). Extra memory: peak resident memory during `compress` minus that "
              "just before it (the model already loaded). Budget: `flatten.measure.memory_budget`, the sum of one "
              "wide block, three block boundaries' activations, a wide block's statistics in float64 (attention "
-             "and MLP Gram matrices, MLP cross term), the Cholesky factor of channel selection, and every "
-             "block's input for one batch (the similarity that plans the merges).", "",
+             "and MLP Gram matrices, MLP cross term), the Cholesky factor and two 1,024-column blocks of channel "
+             "selection, and every block's input for one batch (the similarity that plans the merges).", "",
              f"Dense perplexity: {run.ppl(dense):.2f}.", "",
              "| calibration tokens | removed | WikiText-2 ppl | forward s | compress s | compress / forward | extra memory MiB "
              "| budget MiB | where the time went |",

@@ -66,8 +66,8 @@ class Flattener(Compressor):
     to. ``"pair"``: the two original blocks applied to the block's input in the compressed model (what the
     pair would have computed there). ``"dense"``: the original model's activations at that depth (the pair's
     output in the uncompressed model on the same tokens), so that each merge also corrects what the merges
-    below it changed; it runs the original blocks alongside (about one more forward pass of the blocks up to
-    the last merge, one more block boundary's activations held). One-shot policies only.
+    below it changed; it runs the original model alongside (the blocks below the last merge that are not
+    merged run twice; one more block boundary's activations are held). One-shot policies only.
 
     ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
     resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after

@@ -103,8 +103,8 @@ def memory_budget(config, tokens: int, batch_tokens: int, weight_bytes: int = 2)
     ``Flattener(device=...)`` compresses a model of ``config`` on ``tokens`` calibration tokens: one wide
     block, one block boundary's activations (the Flattener holds up to three at once: the
     wide block's input and the two original blocks' outputs, its targets), the float64 statistics of a wide block (attention and MLP
-    Gram matrices, MLP cross term), and the Cholesky factor of the MLP Gram matrix while channels are
-    selected; while merges are planned, the float32 inputs of every block for one batch of ``batch_tokens``
+    Gram matrices, MLP cross term), and the Cholesky factor of the MLP Gram matrix with two blocks of 1,024
+    of its columns while channels are selected; while merges are planned, the float32 inputs of every block for one batch of ``batch_tokens``
     tokens (the block-input similarity). Weights of ``weight_bytes`` each (2 for bf16); activations in that
     dtype."""
     from flatten.architectures import architecture_for
@@ -118,7 +118,7 @@ def memory_budget(config, tokens: int, batch_tokens: int, weight_bytes: int = 2)
     return {"wide block": 2 * block * weight_bytes,
             "activations (3 boundaries)": 3 * tokens * hidden * weight_bytes,
             "statistics": 8 * (attention_width**2 + channels**2 + channels * hidden),
-            "channel selection": 8 * channels**2,
+            "channel selection": 8 * channels**2 + 2 * 8 * channels * 1024,
             "similarity (one batch)": 4 * config.num_hidden_layers * batch_tokens * hidden}
 
 

@@ -84,19 +84,26 @@ def ridge_leverage(gram: Tensor, ridge: float, block: int = 1024) -> Tensor:
     """``diag(C (C + lam I)^-1) = 1 - lam diag((C + lam I)^-1)``, ``lam = ridge * mean eigenvalue``.
 
     With ``C + lam I = L L^T``, ``diag((C + lam I)^-1)`` holds the squared column norms of ``L^-1``, found
-    ``block`` columns at a time (column ``i`` of ``L^-1`` is zero above row ``i``): memory of one n x n
-    matrix besides ``gram``: the factor, computed in place of a shifted copy."""
+    ``block`` columns at a time (column ``i`` of ``L^-1`` is zero above row ``i``). Memory besides ``gram``:
+    the factor and a few ``block``-wide columns. ``gram`` is shifted in place for the factorisation and
+    restored exactly (factorising a shifted copy in place made the solver copy it again), and the columns are
+    solved against the whole factor, not its trailing square, which the solver would copy (only the last
+    quarter is solved on its own square, a copy of at most 1/16 of the factor)."""
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    factor = gram.clone()
-    factor.diagonal().add_(lam)
-    torch.linalg.cholesky(factor, out=factor)
+    diagonal = gram.diagonal().clone()
+    gram.diagonal().add_(lam)
+    try:
+        factor = torch.linalg.cholesky(gram)
+    finally:
+        gram.diagonal().copy_(diagonal)
     n = gram.shape[0]
     inverse_diagonal = torch.empty(n, dtype=gram.dtype, device=gram.device)
     for a in range(0, n, block):
         b = min(block, n - a)
-        unit = torch.zeros(n - a, b, dtype=gram.dtype, device=gram.device)
-        unit[:b].fill_diagonal_(1)
-        columns = torch.linalg.solve_triangular(factor[a:, a:], unit, upper=False)
+        start = a if 4 * (n - a) <= n else 0
+        unit = torch.zeros(n - start, b, dtype=gram.dtype, device=gram.device)
+        unit[a - start : a - start + b].fill_diagonal_(1)
+        columns = torch.linalg.solve_triangular(factor[start:, start:], unit, upper=False)
         inverse_diagonal[a : a + b] = columns.square().sum(0)
     return 1 - lam * inverse_diagonal
 
