@@ -102,11 +102,11 @@ def memory_budget(config, tokens: int, batch_tokens: int, weight_bytes: int = 2)
     """Bytes the compute device needs besides what it is given to hold of the model, by part, when
     ``Flattener(device=...)`` compresses a model of ``config`` on ``tokens`` calibration tokens: one wide
     block, one block boundary's activations (the Flattener holds up to three at once: the
-    wide block's input and the two original blocks' outputs, its targets), the float64 statistics of a wide block (attention and MLP
-    Gram matrices, MLP cross term), and the Cholesky factor of the MLP Gram matrix with two blocks of 1,024
-    of its columns while channels are selected; while merges are planned, the float32 inputs of every block for one batch of ``batch_tokens``
-    tokens (the block-input similarity). Weights of ``weight_bytes`` each (2 for bf16); activations in that
-    dtype."""
+    wide block's input and the two original blocks' outputs, its targets), the float64 statistics of a wide
+    block (attention and MLP Gram matrices, MLP cross term), and the Cholesky factor of the MLP Gram matrix
+    with two blocks of 1,024 of its columns while channels are selected; while merges are planned, the
+    float32 inputs of every block for one batch of ``batch_tokens`` tokens (the block-input similarity).
+    Weights of ``weight_bytes`` each (2 for bf16); activations in that dtype."""
     from flatten.architectures import architecture_for
 
     arch = architecture_for(config)
