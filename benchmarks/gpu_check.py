@@ -20,7 +20,7 @@ import torch
 
 from flatten import Flattener
 from flatten.measure import machine
-from harness import forward_seconds, setup
+from harness import forward_seconds, plan_agreement, setup
 
 
 def compress(model, calibration, remove: int, device: str, resident: bool = False):
@@ -63,13 +63,7 @@ def main() -> None:
               f"{device_seconds / forward:.1f}); perplexity {cpu_ppl:.3f} vs {device_ppl:.3f}", flush=True)
         print(f"  seconds by phase on {args.device}: {device_plan.method['seconds_by_phase']}; with the whole "
               f"model on {args.device}: {resident_seconds:.1f} s, {resident_plan.method['seconds_by_phase']}")
-        checks = {"same spans": [m.span for m in cpu_plan.merges] == [m.span for m in device_plan.merges]}
-        if checks["same spans"]:
-            checks["same KV groups"] = all(a.keep_groups == b.keep_groups
-                                           for a, b in zip(cpu_plan.merges, device_plan.merges))
-            shared = min(len(set(a.keep_channels) & set(b.keep_channels)) / len(a.keep_channels)
-                         for a, b in zip(cpu_plan.merges, device_plan.merges))
-            checks[f"MLP channels shared >= {args.channels}"] = shared >= args.channels
+        checks, _ = plan_agreement(cpu_plan, device_plan, args.channels)
         checks[f"perplexity within {args.ppl_tolerance:.0%}"] = abs(device_ppl / cpu_ppl - 1) <= args.ppl_tolerance
         for check, passed in checks.items():
             print(f"  {'ok  ' if passed else 'FAIL'} {check}")

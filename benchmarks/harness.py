@@ -64,3 +64,16 @@ def forward_seconds(model: torch.nn.Module, calibration: torch.Tensor, batch_siz
             synchronize(device)
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def plan_agreement(a, b, channels: float) -> tuple[dict[str, bool], float]:
+    """Whether two compressions of one model decided alike: the same spans, the same KV groups, and at least
+    ``channels`` of the MLP channels shared at every merge; with the smallest share found (0 if spans differ)."""
+    checks = {"same spans": [m.span for m in a.merges] == [m.span for m in b.merges]}
+    shared = 0.0
+    if checks["same spans"]:
+        checks["same KV groups"] = all(x.keep_groups == y.keep_groups for x, y in zip(a.merges, b.merges))
+        shared = min(len(set(x.keep_channels) & set(y.keep_channels)) / len(x.keep_channels)
+                     for x, y in zip(a.merges, b.merges))
+        checks[f"MLP channels shared >= {channels:.0%} at every merge"] = shared >= channels
+    return checks, shared
