@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from flatten import load_model, perplexity
-from flatten.data import LINE_JOIN, calibration_tokens, read_lines, tokenize, wikitext2_test_path
+from flatten.data import CORPORA, calibration_description, calibration_tokens, evaluation_tokens, wikitext2_test_path
 from flatten.latency import synchronize
 
 
@@ -19,26 +18,37 @@ class Setup:
     model: torch.nn.Module
     tokenizer: object
     calibration: torch.Tensor
-    ppl: Callable[[torch.nn.Module], float]  # WikiText-2 test perplexity of a model
+    evaluations: dict[str, torch.Tensor]  # evaluation corpus name -> its first tokens
+    seq_len: int
+    windows: int
     protocol: str  # the calibration and perplexity protocol, in words
 
+    def perplexities(self, model: torch.nn.Module) -> dict[str, float]:
+        """Perplexity of ``model`` on each evaluation corpus."""
+        return {name: perplexity(model, ids, seq_len=self.seq_len, max_windows=self.windows).value
+                for name, ids in self.evaluations.items()}
 
-def setup(model_name: str, samples: int, seq_len: int, windows: int) -> Setup:
+    def ppl(self, model: torch.nn.Module) -> float:
+        """Perplexity on the first evaluation corpus (WikiText-2 unless chosen otherwise)."""
+        name, ids = next(iter(self.evaluations.items()))
+        return perplexity(model, ids, seq_len=self.seq_len, max_windows=self.windows).value
+
+
+def setup(model_name: str, samples: int, seq_len: int, windows: int, calibration: str = "default",
+          evaluations: tuple[str, ...] = ("wikitext2",)) -> Setup:
+    """The model, ``samples`` x ``seq_len`` calibration tokens of ``calibration`` (a mix or corpus of
+    ``flatten.data``, or a text file) and the first ``windows`` windows of each evaluation corpus."""
     torch.manual_seed(0)
     model, tokenizer = load_model(model_name)
-    calibration = calibration_tokens(tokenizer, samples=samples, seq_len=seq_len)
-    text = wikitext2_test_path()
-    if text is None:
+    ids = calibration_tokens(tokenizer, calibration, samples=samples, seq_len=seq_len)
+    if "wikitext2" in evaluations and wikitext2_test_path() is None:
         sys.exit("needs the WikiText-2 test split at ../shared/data/wikitext-2-raw/wiki.test.raw")
-    eval_ids = tokenize(tokenizer, read_lines(text), max_tokens=windows * seq_len)
-
-    def ppl(m: torch.nn.Module) -> float:
-        return perplexity(m, eval_ids, seq_len=seq_len, max_windows=windows).value
-
-    protocol = (f"Calibration: {samples} x {seq_len} tokens of Wikipedia lead sections (seed 0). Perplexity: first "
-                f"{windows} non-overlapping windows of {seq_len} tokens of WikiText-2 test (`{text.name}`, non-empty "
-                f"lines joined by {LINE_JOIN!r}).")
-    return Setup(model, tokenizer, calibration, ppl, protocol)
+    texts = {name: evaluation_tokens(tokenizer, name, windows * seq_len) for name in evaluations}
+    protocol = (f"Calibration: {samples} x {seq_len} tokens of {calibration_description(calibration)} (seed 0). "
+                f"Perplexity: the first {windows} non-overlapping windows of {seq_len} tokens of "
+                + "; ".join(f"{name} ({CORPORA.get(name).domain}: {CORPORA.get(name).source})" for name in evaluations)
+                + ".")
+    return Setup(model, tokenizer, ids, texts, seq_len, windows, protocol)
 
 
 def publish(lines: list[str], append: str | None) -> None:

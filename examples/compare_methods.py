@@ -10,7 +10,7 @@ from flatten import get_strategy, load_model, perplexity
 from flatten.data import calibration_tokens, evaluation_text, tokenize
 
 original, tokenizer = load_model("smollm2-135m")
-calibration = calibration_tokens(tokenizer, samples=8, seq_len=128)  # Wikipedia lead sections
+calibration = calibration_tokens(tokenizer, samples=9, seq_len=128)  # the default mix: 3 windows of each domain
 text, about = evaluation_text()  # WikiText-2 test beside the project, else held-out Wikipedia leads
 ids = tokenize(tokenizer, text, max_tokens=8 * 128)
 

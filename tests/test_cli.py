@@ -40,8 +40,8 @@ def test_compress_writes_a_stock_checkpoint_with_its_report(tiny, tmp_path, caps
     for row in ("layers", "parameters", "perplexity", "prefill ms", "decode ms/token", "Compression:"):
         assert row in printed
     assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "README.md", "flatten_run.json",
-            "similarity.png"} <= {p.name for p in out.iterdir()}
-    assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            "cut.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "cut.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "flatten_run.json").read_text())
     assert record["results"]["layers"] == [5, 3]
     assert record["calibration"]["samples"] == 2 and len(record["calibration"]["sha256"]) == 64
@@ -91,7 +91,9 @@ def test_compress_with_fixed_spans(tiny, tmp_path, monkeypatch):
     assert plan["method"]["token_weighting"] == "input-rms" and plan["method"]["one_block_fallback"] == "loss"
     assert len(plan["method"]["merge_choices"]) == 2
     assert tuned == [True]
-    assert "flattened spans 1-3" in json.loads((out / "flatten_run.json").read_text())["what"]
+    what = json.loads((out / "flatten_run.json").read_text())["what"]
+    kept = [choice["chosen"] for choice in plan["method"]["merge_choices"]]
+    assert ("flattened spans 1-3" in what) == (kept[-1] == "merged")  # else it names the blocks it dropped
 
 
 def test_map_large_allocations_tunes_glibc():
@@ -140,8 +142,15 @@ def test_eval_reports_perplexity(tiny, tmp_path, capsys):
     code = main(["eval", str(tiny[0]), "--ppl", str(tiny[1]), *FAST_EVAL, "--json", str(tmp_path / "eval.json")])
     assert code == 0 and "perplexity" in capsys.readouterr().out
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["layers"] == 5 and result["perplexity"]["windows"] == 2
-    assert 1 < result["perplexity"]["value"] < float("inf")
+    assert result["layers"] == 5 and result["perplexity"][0]["windows"] == 2
+    assert 1 < result["perplexity"][0]["value"] < float("inf")
+    code = main(["eval", str(tiny[0]), "--ppl", f"{tiny[1]},{tiny[1]}", *FAST_EVAL, "--json", str(tmp_path / "two.json")])
+    assert code == 0 and len(json.loads((tmp_path / "two.json").read_text())["perplexity"]) == 2
+
+
+def test_the_cli_module_runs_as_a_script():
+    done = subprocess.run([sys.executable, "-m", "flatten.cli", "eval", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "flatten eval" in done.stdout
 
 
 def test_bench_compares_two_models(tiny, tmp_path, capsys):

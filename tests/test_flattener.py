@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatten import BlockPair, ChannelScorer, Flattener, Plan, check_stock, register_scorer
+from flatten import BlockPair, ChannelScorer, Flattener, Plan, check_stock, get_strategy, register_scorer
 from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer, get_policy
 from flatten.evaluation import mean_nll
+from flatten.merge import remove_blocks
 from tiny import TinySpec, tiny_model, tiny_specs
 
 SPEC = TinySpec("qwen2", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=12,
@@ -106,7 +107,7 @@ def test_a_scorer_subclass_defined_here_is_used_by_the_flattener():
 
     try:
         model = tiny_model(SPEC)
-        _, plan = Flattener(model, _calibration(), scorer="test-last-channels", progress=False).compress(remove=2)
+        _, plan = Flattener(model, _calibration(), scorer="test-last-channels", policy="greedy", progress=False).compress(remove=2)
     finally:
         SCORERS.unregister("test-last-channels")
     assert calls == {"groups": 2, "channels": 2}
@@ -230,8 +231,6 @@ def test_fitting_to_the_dense_model_changes_only_the_merges_above_another():
     assert errors["dense"] < errors["pair"]
     with pytest.raises(ValueError, match="fit_to must be one of 'pair', 'dense', got 'teacher'"):
         Flattener(dense, calibration, fit_to="teacher")
-    with pytest.raises(ValueError, match="fit_to='dense' needs a one-shot policy"):
-        Flattener(dense, calibration, fit_to="dense", policy="greedy-recompute")
 
 
 @pytest.mark.parametrize("half", ["attention", "mlp"])
@@ -254,31 +253,103 @@ def test_pruning_only_one_half_leaves_the_other_wide(half):
         Flattener(tiny_model(spec), calibration, prune="heads")
 
 
-def test_trial_loss_merges_the_pair_whose_merge_hurts_the_loss_least():
+def test_loss_search_takes_the_merge_or_drop_after_which_the_search_loss_is_lowest():
+    """Every candidate is scored by the loss on the search rows of the model after it alone; a merge tried is
+    built on the other rows (as a one-merge compression on them would build it), and the chosen one is put
+    in as built. With every drop among the candidates, the first choice is at least as good as SLEB's."""
     spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=5, dtype=torch.float64)
     calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(1))
-    search = calibration[:2]
-    losses = []
+    search, fit = calibration[:2], calibration[2:]
+    expected = {}
     for i in range(4):
-        candidate, _ = Flattener(tiny_model(spec), search, policy=FixedSpans([(i, i + 1)]), batch_size=2,
-                                 progress=False).compress()
-        losses.append(mean_nll(candidate, [search]))
-    policy = get_policy("trial-loss", search_samples=2)
+        merged, _ = Flattener(tiny_model(spec), fit, policy=FixedSpans([(i, i + 1)]), batch_size=2,
+                              progress=False).compress()
+        expected[f"merge {i}+{i + 1}"] = mean_nll(merged, [search])
+    for i in range(5):
+        expected[f"drop {i}"] = mean_nll(remove_blocks(tiny_model(spec), [i]), [search])
+    policy = get_policy("loss-search", search_samples=2, merges=None, absorbs=0, drops=None, keep_last=0)
     model, plan = Flattener(tiny_model(spec), calibration, policy=policy, batch_size=2, progress=False).compress(remove=2)
-    assert plan.method["trial_losses"][0] == pytest.approx(losses, rel=1e-9)
-    assert plan.merges[0].position == min(range(4), key=losses.__getitem__)
-    assert len(model.model.layers) == 3 and len(plan.method["trial_losses"][1]) == 3
+    tried = plan.method["search"][0]["tried"]
+    assert tried == pytest.approx(expected, rel=1e-9)
+    best = min(expected, key=expected.get)
+    first = plan.merges[0]
+    kept = first.kept(spec.num_kv_heads, spec.intermediate_size)
+    assert best == (f"merge {first.position}+{first.position + 1}" if kept == "both" else
+                    f"drop {first.position + (kept == 'first')}")
+    _, sleb = get_strategy("sleb")(tiny_model(spec), calibration, search_samples=2, batch_size=2,
+                                   progress=False).compress(remove=1)
+    assert expected[best] <= min(sleb.scores["candidate_losses"][0]) + 1e-12
+    assert len(model.model.layers) == 3 and len(plan.method["search"]) == 2
     replayed = plan.apply(tiny_model(spec))
     torch.testing.assert_close(replayed(calibration).logits, model(calibration).logits)
 
-    flattener = Flattener(tiny_model(spec), search, batch_size=2, progress=False)  # shortlisted on the search set
-    neighbours = [float(flattener.similarity_matrix()[i, i + 1]) for i in range(4)]
-    shortlist = sorted(sorted(range(4), key=neighbours.__getitem__)[2:])  # the two most similar pairs
-    policy = get_policy("trial-loss", search_samples=2, shortlist=2)
+
+@pytest.mark.parametrize("fit_to", ["pair", "dense"])
+def test_an_absorbed_block_is_fitted_into_its_neighbour(fit_to):
+    """Absorbing block i keeps block i - 1's heads and channels. Without compensation (the magnitude scorer)
+    that is dropping block i; with the default scorer's, the kept block reproduces what the two computed
+    (on the rows it was fitted to) better than the plain drop does."""
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=5, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(2))
+    only = get_policy("loss-search", search_samples=2, merges=0, absorbs=None, drops=0)
+    plain, plan = Flattener(tiny_model(spec), calibration, scorer="magnitude", policy=only, batch_size=2,
+                            progress=False, fit_to=fit_to).compress(remove=1)
+    absorbed = int(min(plan.method["search"][0]["tried"], key=plan.method["search"][0]["tried"].get).split()[1])
+    assert plan.merges[0].kept(2, 16) == ("first" if absorbed else "second")
+    _same_function = lambda a, b: torch.testing.assert_close(a(calibration).logits, b(calibration).logits)
+    _same_function(plain, remove_blocks(tiny_model(spec), [absorbed]))
+
+    fit = calibration[2:]
+    model, plan = Flattener(tiny_model(spec), calibration, policy=only, batch_size=2, progress=False,
+                            fit_to=fit_to).compress(remove=1)
+    absorbed = int(min(plan.method["search"][0]["tried"], key=plan.method["search"][0]["tried"].get).split()[1])
+    assert plan.merges[0].down_proj is not None and "absorbed" in plan.describe()
+    end = absorbed + 1 if absorbed else 2  # the hidden state after the pair, and after its one block
+    target = tiny_model(spec)(fit, output_hidden_states=True).hidden_states[end]
+    dropped = remove_blocks(tiny_model(spec), [absorbed])(fit, output_hidden_states=True).hidden_states[end - 1]
+    ours = model(fit, output_hidden_states=True).hidden_states[end - 1]
+    assert (ours - target).square().sum() < (dropped - target).square().sum()
+    torch.testing.assert_close(plan.apply(tiny_model(spec))(calibration).logits, model(calibration).logits)
+
+
+def test_the_cut_absorbs_the_run_of_least_angular_distance_into_the_block_before_it():
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=6, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(2))
+    distances = get_strategy("angular")(tiny_model(spec), calibration, tokens="all", batch_size=2,
+                                        progress=False).cut_distances(2)
+    start = 1 + min(range(len(distances) - 1), key=lambda s: float(distances[s + 1]))  # a block before the run
+    plain, plan = Flattener(tiny_model(spec), calibration, scorer="magnitude", policy="cut", batch_size=2,
+                            progress=False).compress(remove=2)
+    assert plan.method["cut_distances"] == pytest.approx(distances.tolist())
+    assert plan.spans == [(start - 1, start + 1)] and plan.removed_blocks()["dropped"] == [(start, start), (start + 1, start + 1)]
+    torch.testing.assert_close(plain(calibration).logits, remove_blocks(tiny_model(spec), [start, start + 1])(calibration).logits)
+    spans, _ = Flattener(tiny_model(spec), calibration, policy="cut", batch_size=2, progress=False).plan_spans(remove=2)
+    assert spans[start - 1] == (start - 1, start + 1) and len(spans) == 4
+
+    policy = get_policy("cut", merges=True, search_samples=2)
+    model, plan = Flattener(tiny_model(spec), calibration, policy=policy, batch_size=2, progress=False).compress(remove=2)
+    for step, merge in zip(plan.method["search"], plan.merges):
+        tried = step["tried"]
+        merged = tried[f"merge {start - 1}+{start}"] < tried[f"absorb {start}"]
+        assert merge.position == start - 1 and (merge.kept(2, 16) == "both") == merged
+    with pytest.raises(ValueError, match="a cut after block 0 removes at most 4 of 6 blocks"):
+        Flattener(tiny_model(spec), calibration, policy="cut", progress=False).compress(remove=5)
+
+
+def test_loss_search_shortlists_by_block_influence():
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=6, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(1))
+    influence = get_strategy("shortgpt")(tiny_model(spec), calibration[:2], progress=False).block_influence()
+    pairs = sorted(range(4), key=lambda i: float(influence[i] + influence[i + 1]))[:2]  # keep_last=1: 5 open blocks
+    blocks = sorted(range(5), key=lambda i: float(influence[i]))[:1]
+    policy = get_policy("loss-search", search_samples=2, merges=2, absorbs=1, drops=1)
     _, plan = Flattener(tiny_model(spec), calibration, policy=policy, batch_size=2, progress=False).compress(remove=1)
-    tried = plan.method["trial_losses"][0]
-    assert [i for i, loss in enumerate(tried) if loss is not None] == shortlist
-    assert [tried[i] for i in shortlist] == pytest.approx([losses[i] for i in shortlist], rel=1e-9)
+    assert set(plan.method["search"][0]["tried"]) == ({f"merge {i}+{i + 1}" for i in pairs} | {f"drop {i}" for i in blocks}
+                                                      | {f"absorb {i}" for i in blocks})
+    with pytest.raises(ValueError, match="merges, absorbs and drops cannot all be 0"):
+        get_policy("loss-search", merges=0, absorbs=0, drops=0)
+    with pytest.raises(ValueError, match="search_samples must be an int >= 1, got 0"):
+        get_policy("loss-search", search_samples=0)
 
 
 def test_bfloat16_weights_give_the_float32_result_within_rounding():
@@ -302,21 +373,24 @@ def test_bfloat16_weights_give_the_float32_result_within_rounding():
 
 
 @pytest.mark.parametrize("policy, options", [("greedy", {}), ("greedy-recompute", {}), ("trial-loss", {}),
-                                             ("greedy", {"fit_to": "dense"})])
+                                             ("loss-search", {}), ("greedy", {"fit_to": "dense"}),
+                                             ("loss-search", {"fit_to": "dense", "batch_size": 2}),
+                                             (get_policy("cut", merges=True), {"fit_to": "dense"})])
 def test_an_interrupted_compression_resumes_to_the_same_weights(policy, options, tmp_path, monkeypatch):
     original, calibration, checkpoint = tiny_model(SPEC), _calibration(), tmp_path / "progress.json"
     whole, plan = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
                             **options).compress(remove=3)
 
-    merge, merged = Flattener._merge, []
+    take, merged = Flattener._take, []
 
-    def interrupted_after_two(self, *args):
+    def interrupted_after_two(self, step, state):
         if len(merged) == 2:
             raise KeyboardInterrupt
-        merged.append(args[1])
-        return merge(self, *args)
+        merge = take(self, step, state)
+        merged.append(tuple(merge.span))
+        return merge
 
-    monkeypatch.setattr(Flattener, "_merge", interrupted_after_two)
+    monkeypatch.setattr(Flattener, "_take", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
                   checkpoint=checkpoint, **options).compress(remove=3)
@@ -376,8 +450,6 @@ def test_the_loss_fallback_keeps_the_candidate_of_lowest_calibration_loss(scorer
     """As above, judged by the model's loss on the first calibration batch. Without block 2 the model is the
     original; without block 1 it is the original less block 1; the kept candidate gives the model its loss.
     (On this random model a random merge happens to lower the loss: the merge is kept there.)"""
-    from flatten.evaluation import mean_nll
-    from flatten.merge import remove_blocks
 
     model = tiny_model(SPEC)
     with torch.no_grad():

@@ -224,13 +224,13 @@ def test_a_killed_compression_resumes_from_its_checkpoint_to_the_same_weights(ti
         from flatten import Flattener
         from flatten.cli import main
 
-        merge, merged = Flattener._merge, []
+        take, taken = Flattener._take, []
         def killed_after_one(self, *args):
-            if merged:
+            if taken:
                 os.kill(os.getpid(), signal.SIGKILL)
-            merged.append(1)
-            return merge(self, *args)
-        Flattener._merge = killed_after_one
+            taken.append(1)
+            return take(self, *args)
+        Flattener._take = killed_after_one
         main({command + resume!r})
     """, tmp_path)
     assert child.returncode == -9, child.stderr

@@ -359,3 +359,111 @@ class PruneOnly(Baseline):
                 hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
         return self.model, self._record(start, mlp_width=(shape.intermediate_size, width))
+
+
+class _ContiguousCut(Baseline):
+    """Shared by the angular cut and ReplaceMe: one contiguous run of ``k`` blocks, chosen by the angular
+    distance ``arccos(cos(x_s, x_{s+k})) / pi`` between the run's input and its output (the input of the
+    block after it, or the last block's output), averaged over the calibration sequences' last tokens (the
+    papers' choice, ``tokens="last"``) or over all their tokens (``tokens="all"``)."""
+
+    def __init__(self, model: nn.Module, calibration: Tensor, tokens: str = "last", batch_size: int = 4,
+                 device: str | torch.device | None = None, progress: bool = True):
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        if tokens not in ("last", "all"):
+            raise ValueError(f"tokens must be 'last' or 'all', got {tokens!r}")
+        self.tokens = tokens
+
+    def options(self) -> dict:
+        return {"tokens": self.tokens}
+
+    def cut_distances(self, k: int) -> Tensor:
+        return super().cut_distances(k, self.tokens)
+
+
+@register_strategy("angular")
+class AngularCut(_ContiguousCut):
+    """The angular-distance cut of Gromov et al. ("The unreasonable ineffectiveness of the deeper layers",
+    2024), without healing: delete the contiguous run of ``k`` blocks whose input and output are closest in
+    angular distance."""
+
+    name = "angular"
+    title = "angular-distance cut (Gromov et al., 2024), no healing"
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        distances = self.cut_distances(k)
+        first = int(distances.argmin())
+        remove_blocks(self.model, list(range(first, first + k)), self.arch)
+        return self.model, self._record(start, removed=list(range(first, first + k)),
+                                        scores={"cut_distances": distances.tolist()})
+
+
+@register_strategy("replaceme")
+class ReplaceMe(_ContiguousCut):
+    """ReplaceMe (Shopkhoev et al., 2025, arXiv 2505.02819), its least-squares variant: delete the contiguous
+    run of ``k`` blocks ``s .. s+k-1`` of least angular distance (a run that starts at block 0 has no block
+    before it and is not a candidate), and replace it by one linear map ``T`` (hidden x hidden) folded into
+    the ``down_proj`` of block ``s - 1``: with ``m`` that block's MLP output and ``r`` its residual stream
+    before the MLP is added (so its output is ``r + m``), ``T`` minimises ``||m T + r - x_{s+k}||^2`` over
+    the calibration tokens (plus ``ridge * ||T||^2``, ``ridge`` in units of the mean eigenvalue of ``m^T m``;
+    the paper's default is none), and block ``s - 1`` then outputs ``r + m T``."""
+
+    name = "replaceme"
+    title = "ReplaceMe (Shopkhoev et al., 2025), least-squares linear replacement"
+
+    def __init__(self, model: nn.Module, calibration: Tensor, tokens: str = "last", ridge: float = 0.0,
+                 batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
+        super().__init__(model, calibration, tokens=tokens, batch_size=batch_size, device=device, progress=progress)
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        self.ridge = float(ridge)
+
+    def options(self) -> dict:
+        return {**super().options(), "ridge": self.ridge}
+
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
+        k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
+        count = len(self.arch.layers_of(self.model))
+        if k > count - 1:
+            raise ValueError(f"ReplaceMe keeps a block before the cut: it can remove at most {count - 1} of {count}")
+        distances = self.cut_distances(k)
+        first = 1 + int(distances[1:].argmin())
+        transform = self.transform(first, k)
+        down = self.arch.layers_of(self.model)[first - 1].get_submodule(self.arch.down_proj)
+        with torch.no_grad():
+            down.weight.copy_((transform.T @ down.weight.double()).to(down.weight.dtype))
+            if down.bias is not None:
+                down.bias.copy_((down.bias.double() @ transform).to(down.bias.dtype))
+        removed = list(range(first, first + k))
+        remove_blocks(self.model, removed, self.arch)
+        return self.model, self._record(start, removed=removed, scores={
+            "cut_distances": distances.tolist(), "transform_folded_into": first - 1})
+
+    @torch.no_grad()
+    def transform(self, first: int, k: int) -> Tensor:
+        """``T`` (float64) for the cut of blocks ``first .. first+k-1``, from the calibration data."""
+        layers = self.arch.layers_of(self.model)
+        d = self.model.config.hidden_size
+        gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        inputs = self._capture()
+        hidden = inputs.hidden
+        for i in range(first - 1):
+            hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+        mlp_out: list[Tensor] = []  # block first-1's MLP output (down_proj's), one tensor per batch
+        hook = layers[first - 1].get_submodule(self.arch.down_proj).register_forward_hook(
+            lambda module, args, out: mlp_out.append(out.detach()))
+        try:
+            outputs = self._run(layers[first - 1], hidden, inputs.calls[first - 1], name=f"block {first - 1}")
+        finally:
+            hook.remove()
+        targets = outputs
+        for j in range(first, first + k):
+            targets = self._run(layers[j], targets, inputs.calls[j], name=f"block {j}")
+        for m, y, target in zip(mlp_out, outputs, targets):
+            m, y, target = (t.reshape(-1, d).double() for t in (m, y, target))
+            gram += m.T @ m
+            cross += m.T @ (target - (y - m))
+        gram.diagonal().add_(self.ridge * float(gram.diagonal().mean()))
+        return torch.linalg.lstsq(gram.cpu(), cross.cpu(), driver="gelsd").solution

@@ -43,7 +43,7 @@ def _add_amount(parser: argparse.ArgumentParser) -> None:
 def _add_selection(parser: argparse.ArgumentParser) -> None:
     from flatten.criteria import POLICIES, SIMILARITIES
 
-    parser.add_argument("--policy", default="greedy", help=f"pair-selection policy: {', '.join(POLICIES.names())}")
+    parser.add_argument("--policy", default="cut", help=f"pair-selection policy (default cut): {', '.join(POLICIES.names())}")
     parser.add_argument("--spans", default=None, metavar="A-C,...",
                         help="with --policy fixed: spans of original blocks to flatten, e.g. 20-22,25-26")
     parser.add_argument("--similarity", default="cosine", help=f"block-input similarity: {', '.join(SIMILARITIES.names())}")
@@ -51,7 +51,9 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=None, metavar="SOURCE",
-                        help="calibration text file, or hf:DATASET[:CONFIG] (needs a hub); default Wikipedia lead sections")
+                        help="calibration text: a mix or corpus of flatten.data (default: the mix 'default' of "
+                        "Wikipedia leads, workshop proceedings and C code), a text file, or hf:DATASET[:CONFIG] "
+                        "(needs a hub)")
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     parser.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows (default 0)")
@@ -59,8 +61,11 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_perplexity(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ppl", default=None, metavar="TEXT", help="perplexity text file (default: WikiText-2 test "
-                        "at ../shared/data/wikitext-2-raw/wiki.test.raw, else Wikipedia leads held out from calibration)")
+    parser.add_argument("--ppl", default=None, metavar="TEXT[,TEXT]",
+                        help="perplexity texts, comma-separated: corpora of flatten.data (e.g. wikitext2, alice) or "
+                        "text files (default: WikiText-2 test at ../shared/data/wikitext-2-raw/wiki.test.raw, else "
+                        "Wikipedia leads held out from calibration; and alice, fiction, a domain outside every "
+                        "calibration mix)")
     parser.add_argument("--windows", type=int, default=32, help="perplexity windows (default 32)")
     parser.add_argument("--ppl-len", type=int, default=512, help="perplexity window length in tokens (default 512)")
 
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="remove blocks by flattening; save a stock checkpoint and a report",
                                    description="Compress MODEL with FlattenGPT; measure it before and after; write the "
-                                   "checkpoint, plan.json, a model card (README.md), similarity.png and flatten_run.json.")
+                                   "checkpoint, plan.json, a model card (README.md), flatten_run.json and a figure of what the plan was based "
+                                   "on (cut.png or similarity.png).")
     _add_model(compress)
     _add_amount(compress)
     compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
@@ -96,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                           default=False, help="flattengpt: keep one of the two blocks whole instead of the pruned "
                           "merge where that reproduces the pair better on the calibration data (reconstruction, the "
                           "default) or gives a lower calibration loss (loss)")
+    compress.add_argument("--fit-to", choices=["dense", "pair"], default=None,
+                          help="flattengpt: what the refits fit (default dense: the original model's activations at "
+                          "the output of the blocks replaced; pair: what those blocks compute on their input now)")
     compress.add_argument("--token-weighting", choices=["none", "input-rms"], default=None,
                           help="flattengpt: how each calibration token's error counts in selection and refits "
                           "(default none; input-rms divides it by the block input's mean square at that token)")
@@ -239,11 +248,22 @@ def _calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
     return tokens, about
 
 
-def _perplexity_tokens(args, tokenizer) -> tuple[torch.Tensor, str]:
+def _perplexity_texts(args, tokenizer) -> list[tuple[torch.Tensor, str]]:
+    """Token ids and a description of each ``--ppl`` text (by default WikiText-2, or the held-out Wikipedia
+    leads, and the fiction corpus)."""
     from flatten.data import evaluation_text, tokenize
 
-    text, about = evaluation_text(args.ppl)
-    return tokenize(tokenizer, text, max_tokens=args.windows * args.ppl_len), about
+    sources = [None, "alice"] if args.ppl is None else args.ppl.split(",")
+    texts = []
+    for source in sources:
+        text, about = evaluation_text(source)
+        texts.append((tokenize(tokenizer, text, max_tokens=args.windows * args.ppl_len), about))
+    return texts
+
+
+def _perplexity_tokens(args, tokenizer) -> tuple[torch.Tensor, str]:
+    """The first ``--ppl`` text only."""
+    return _perplexity_texts(args, tokenizer)[0]
 
 
 def _batches(text: str) -> list[int]:
@@ -279,8 +299,8 @@ def run_compress(args) -> None:
     from flatten.latency import measure_latency
     from flatten.measure import PeakMemory, machine
     from flatten.models import count_parameters, resolve_device
-    from flatten.report import (command_line, model_card, protocol_lines, results_table, similarity_heatmap, versions,
-                                weights_sha256)
+    from flatten.report import (command_line, cut_plot, model_card, protocol_lines, results_table, similarity_heatmap,
+                                versions, weights_sha256)
 
     out = Path(args.out) if args.out else _default_out(args.model)
     if out.exists() and not args.overwrite:
@@ -292,14 +312,16 @@ def run_compress(args) -> None:
         options.update(policy=_policy(args), similarity=args.similarity, checkpoint=args.checkpoint,
                        one_block_fallback=args.one_block_fallback,
                        **({"scorer": args.scorer} if args.scorer else {}),
-                       **({"token_weighting": args.token_weighting} if args.token_weighting else {}))
+                       **({"token_weighting": args.token_weighting} if args.token_weighting else {}),
+                       **({"fit_to": args.fit_to} if args.fit_to else {}))
     elif args.strategy == "prune-only" and args.scorer:
         options["scorer"] = args.scorer
-    if args.strategy != "flattengpt" and (args.spans or args.policy != "greedy" or args.similarity != "cosine"
+    if args.strategy != "flattengpt" and (args.spans or args.policy != "cut" or args.similarity != "cosine"
                                           or args.checkpoint or args.one_block_fallback or args.token_weighting
+                                          or args.fit_to
                                           or args.scorer and args.strategy != "prune-only"):
-        raise ValueError("--policy, --spans, --similarity, --checkpoint, --one-block-fallback and --token-weighting "
-                         "go with --strategy flattengpt; --scorer with flattengpt or prune-only")
+        raise ValueError("--policy, --spans, --similarity, --checkpoint, --one-block-fallback, --token-weighting and "
+                         "--fit-to go with --strategy flattengpt; --scorer with flattengpt or prune-only")
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)
@@ -308,17 +330,17 @@ def run_compress(args) -> None:
     compressor.blocks_to_remove(remove)  # validate before any expensive work
     layers, params = model.config.num_hidden_layers, count_parameters(model)
 
-    def measure() -> tuple[dict | None, list[dict]]:
+    def measure() -> tuple[list[dict], list[dict]]:
         model.to(device)
-        ppl = None if args.no_eval else perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows,
-                                                   text=text_about, progress=not args.quiet).as_dict()
+        ppl = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
+                          progress=not args.quiet).as_dict() for ids, about in texts]
         latency = [] if args.no_latency else [
             measure_latency(model, batch=b, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats).as_dict()
             for b in batches]
         model.to("cpu")
         return ppl, latency
 
-    ids, text_about = (None, None) if args.no_eval else _perplexity_tokens(args, tokenizer)
+    texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
     ppl_before, latency_before = measure()
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -335,11 +357,13 @@ def run_compress(args) -> None:
         "method": result.method, "decisions": decisions,
         "results": {"layers": [layers, model.config.num_hidden_layers],
                     "parameters": [params, result.method.get("parameters_effective", count_parameters(model))],
-                    "perplexity": [ppl_before, ppl_after] if ppl_before else None,
+                    "perplexity": [list(pair) for pair in zip(ppl_before, ppl_after)],
                     "latency": [list(pair) for pair in zip(latency_before, latency_after)],
                     "compression_seconds": seconds, "peak_memory_gib": memory.peak_bytes / 2**30},
     }
     written = []
+
+    cut = result.method.get("cut_distances") if isinstance(result.method, dict) else None
 
     def write_extras(folder: Path) -> None:
         result.save(folder / decisions)
@@ -347,6 +371,9 @@ def run_compress(args) -> None:
                                                          folder / "similarity.png",
                                                          f"{args.model}: block-input similarity, flattened spans in red"):
             written.append("similarity.png")
+        if cut is not None and result.spans and cut_plot(cut, (result.spans[0][0] + 1, result.spans[0][1]),
+                                                         folder / "cut.png", f"{args.model}: {record['what']}"):
+            written.append("cut.png")
         (folder / "README.md").write_text(model_card(record))
         (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -354,7 +381,7 @@ def run_compress(args) -> None:
     print(f"\n{args.model}: {layers} -> {model.config.num_hidden_layers} blocks by {strategy.title}: {record['what']}\n")
     print(results_table(record) + "\n")
     print("\n".join(protocol_lines(record)))
-    missing = "" if written or similarity is None else "; no similarity.png: pip install 'flatten-gpt[plot]' for it"
+    missing = "" if written or (similarity is None and cut is None) else "; no figure: pip install 'flatten-gpt[plot]'"
     print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), {decisions}, README.md "
           f"(model card), flatten_run.json" + "".join(f", {name}" for name in written) + missing)
 
@@ -376,9 +403,7 @@ def run_plan(args) -> None:
     print("     " + "".join(f"{j:>4}" for j in range(count)))
     for i in range(count):
         print(f"{i:>4} " + "".join(f"{100 * similarity[i, j]:>4.0f}" if j >= i else "    " for j in range(count)))
-    note = " (the recomputing policy re-measures after each merge; this is its first-step view)" \
-        if flattener.policy.recompute else ""
-    print(f"\nspans to flatten{note}: " + ", ".join(f"{a}-{c} (similarity {similarity[a, c]:.3f})" for a, c in merged))
+    print(f"\nspans to flatten: " + ", ".join(f"{a}-{c} (similarity {similarity[a, c]:.3f})" for a, c in merged))
     print(f"blocks: {count} -> {len(spans)}; nothing was changed")
     if args.json:
         _write_json(args.json, {"model": args.model, "similarity": similarity.tolist(), "spans": merged})
@@ -405,10 +430,11 @@ def run_eval(args) -> None:
     result = {"model": args.model, "layers": model.config.num_hidden_layers, "parameters": count_parameters(model)}
     print(f"{args.model}: {result['layers']} layers, {result['parameters']:,} parameters")
     if not args.no_ppl:
-        ids, about = _perplexity_tokens(args, tokenizer)
-        ppl = perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
-        result["perplexity"] = ppl.as_dict()
-        print(f"perplexity {ppl}")
+        result["perplexity"] = []
+        for ids, about in _perplexity_texts(args, tokenizer):
+            ppl = perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
+            result["perplexity"].append(ppl.as_dict())
+            print(f"perplexity {ppl}")
     if tasks is not None:
         scores = zero_shot(model, tokenizer, tasks, limit=args.limit)
         result["zero_shot"] = scores.as_dict()
@@ -448,8 +474,6 @@ def run_bench(args) -> None:
     print(f"machine: {machine()}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def run_recover(args) -> None:
@@ -574,3 +598,7 @@ def _tensors(folder: Path, load_file) -> dict:
     for file in files:
         tensors.update(load_file(file))
     return tensors
+
+
+if __name__ == "__main__":
+    sys.exit(main())

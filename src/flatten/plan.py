@@ -36,6 +36,16 @@ class Merge:
     o_proj: Tensor | None = None
     down_proj: Tensor | None = None
 
+    def kept(self, num_kv_heads: int, intermediate_size: int) -> str:
+        """``"both"`` for a flattening; ``"first"`` or ``"second"`` where the merge kept one block's heads and
+        channels and removed the other block (dropped, or absorbed if it has compensation weights), given the
+        model's ``num_kv_heads`` and ``intermediate_size`` per block."""
+        for side, offset in (("first", 0), ("second", 1)):
+            if (self.keep_groups == list(range(offset * num_kv_heads, (offset + 1) * num_kv_heads))
+                    and self.keep_channels == list(range(offset * intermediate_size, (offset + 1) * intermediate_size))):
+                return side
+        return "both"
+
     def apply(self, model: nn.Module) -> None:
         pair = BlockPair(model, self.position)
         pair.replace(pair.prune(pair.flatten(), self.keep_groups, self.keep_channels, self.o_proj, self.down_proj))
@@ -54,17 +64,40 @@ class Plan:
 
     @property
     def spans(self) -> list[tuple[int, int]]:
-        """Final spans of original blocks that were flattened together (each merge extends or adds one)."""
+        """Final spans of original blocks that became one block (each merge extends or adds one)."""
         spans: list[tuple[int, int]] = []
         for merge in self.merges:
             spans = [s for s in spans if not (merge.span[0] <= s[0] and s[1] <= merge.span[1])] + [tuple(merge.span)]
         return sorted(spans)
 
+    def removed_blocks(self) -> dict[str, list[tuple[int, int]]]:
+        """The spans of original blocks (single blocks, unless merged before) that a merge removed whole,
+        keeping the other block of its pair: ``"dropped"`` as they were, ``"absorbed"`` where the kept block
+        was fitted to compute what the two computed."""
+        groups, channels = self.model["num_kv_heads"], self.model["intermediate_size"]
+        blocks = [(i, i) for i in range(self.model["num_layers"])]
+        removed = {"dropped": [], "absorbed": []}
+        for merge in self.merges:
+            p = merge.position
+            side = merge.kept(groups, channels)
+            if side != "both":
+                how = "dropped" if merge.o_proj is None and merge.down_proj is None else "absorbed"
+                removed[how].append(blocks[p + 1] if side == "first" else blocks[p])
+            blocks[p : p + 2] = [(blocks[p][0], blocks[p + 1][1])]
+        return {how: sorted(spans) for how, spans in removed.items()}
+
     def describe(self) -> str:
         """What was done, in a few words."""
-        spans = " ".join(f"{a}-{c}" for a, c in self.spans)
+        removed = self.removed_blocks()
+        whole = [span for spans in removed.values() for span in spans]
+        flattened = [f"{a}-{c}" for a, c in self.spans
+                     if sum(c2 - a2 + 1 for a2, c2 in whole if a <= a2 and c2 <= c) < c - a]
+        words = ["flattened spans " + " ".join(flattened)] if flattened else []
+        for how, spans in removed.items():
+            if spans:
+                words.append(f"{how} blocks " + " ".join(str(a) if a == c else f"{a}-{c}" for a, c in spans))
         how = ", ".join(f"{key} {self.method[key]}" for key in ("scorer", "policy") if key in self.method)
-        return f"flattened spans {spans}" + (f" ({how})" if how else "")
+        return "; ".join(words) + (f" ({how})" if how else "")
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Replay the plan on a fresh copy of the model it was made for (in place); return the model."""

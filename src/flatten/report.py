@@ -24,6 +24,13 @@ def versions() -> dict:
     return found
 
 
+def _short(text: str) -> str:
+    """A text's name and domain, from its description (``name (domain: source)`` or ``file (...)``)."""
+    name, _, rest = text.partition(" (")
+    domain = rest.split(":")[0] if ":" in rest.split(")")[0] else ""
+    return f"{name} ({domain})" if domain else name
+
+
 def _ratio(before, after) -> str:
     return f"{after / before:.3f}" if before else ""
 
@@ -33,9 +40,8 @@ def results_table(record: dict) -> str:
     results = record["results"]
     rows = [("layers", *results["layers"], ""), ("parameters", *results["parameters"], "")]
     rows = [(name, f"{b:,}", f"{a:,}", _ratio(b, a)) for name, b, a, _ in rows]
-    if results.get("perplexity"):
-        b, a = results["perplexity"]
-        rows.append((f"perplexity ({b['windows']} x {b['seq_len']} tokens)", f"{b['value']:.2f}", f"{a['value']:.2f}",
+    for b, a in results.get("perplexity") or []:
+        rows.append((f"perplexity, {_short(b['text'])}", f"{b['value']:.2f}", f"{a['value']:.2f}",
                      _ratio(b["value"], a["value"])))
     for b, a in results.get("latency") or []:
         label = f"batch {b['batch']}, {b['prompt']}-token prompt"
@@ -57,10 +63,9 @@ def protocol_lines(record: dict) -> list[str]:
              f"(process resident set size, sampled every 5 ms)."]
     lines.append(f"Calibration: {calibration['samples']} x {calibration['seq_len']} tokens of {calibration['source']} "
                  f"(seed {calibration['seed']}, token sha256 {calibration['sha256'][:16]}).")
-    if results.get("perplexity"):
-        p = results["perplexity"][0]
-        lines.append(f"Perplexity: the first {p['windows']} non-overlapping windows of {p['seq_len']} tokens of "
-                     f"{p['text']}, each window scored on its own.")
+    for p, _ in results.get("perplexity") or []:
+        lines.append(f"Perplexity, {_short(p['text'])}: the first {p['windows']} non-overlapping windows of "
+                     f"{p['seq_len']} tokens of {p['text']}, each window scored on its own.")
     if results.get("latency"):
         lat = results["latency"][0][0]
         lines.append(f"Latency: median of {lat['repeats']} runs after a warm-up, random prompts, greedy decoding of "
@@ -93,6 +98,30 @@ def similarity_heatmap(similarity, spans: list[tuple[int, int]], path: str | Pat
     ax.set_xticks(range(0, count, step))
     ax.set_yticks(range(0, count, step))
     ax.set_title(title or "block-input similarity; flattened spans in red", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def cut_plot(distances, run: tuple[int, int], path: str | Path, title: str = "") -> Path | None:
+    """Draw the angular distance of each contiguous run (by its first block) with the run removed marked, as a
+    PNG at ``path``; None (nothing drawn) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    ax.plot(range(len(distances)), distances, marker="o", markersize=3)
+    ax.axvline(run[0], color="red", linewidth=1)
+    ax.set_xlabel(f"first block of a run of {run[1] - run[0] + 1}")
+    ax.set_ylabel("angular distance, run input to output")
+    ax.set_title(title or f"blocks {run[0]}-{run[1]} removed (red)", fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -54,9 +54,16 @@ class ZeroShot:
     def mean(self) -> float:
         return sum(s.value for s in self.scores) / len(self.scores)
 
+    @property
+    def mean_stderr(self) -> float | None:
+        """The standard error of the mean over tasks, from the tasks' own (independent items)."""
+        if any(s.stderr is None for s in self.scores):
+            return None
+        return sum(s.stderr**2 for s in self.scores) ** 0.5 / len(self.scores)
+
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "lm_eval_version": self.lm_eval_version, "limit": self.limit,
-                "scores": [asdict(s) for s in self.scores]}
+        return {"mean": self.mean, "mean_stderr": self.mean_stderr, "lm_eval_version": self.lm_eval_version,
+                "limit": self.limit, "scores": [asdict(s) for s in self.scores]}
 
     def __str__(self) -> str:
         parts = ", ".join(f"{s.task} {s.metric} {s.value:.3f} ({s.items} items)" for s in self.scores)

@@ -112,8 +112,11 @@ class ChannelScorer:
     """Keeps the top-scoring KV groups and MLP channels; no compensation.
 
     Subclass and override ``score_groups`` (from ``AttentionStats``, one score per KV group) and/or
-    ``score_channels`` (from ``MlpStats``, one per channel); override ``select_*`` to also return
-    compensated weights. Set ``needs_target = True`` to receive ``MlpStats.target_cross``.
+    ``score_channels`` (from ``MlpStats``, one per channel); override ``compensate_groups`` /
+    ``compensate_channels`` to return a replacement ``o_proj`` / ``down_proj`` weight for kept indices (they
+    are also used where the selection is forced: a merge that keeps one block of the pair whole), or
+    ``select_*`` to choose and compensate in one. Set ``needs_target = True`` to receive
+    ``MlpStats.target_cross``.
     """
 
     needs_target: bool = False
@@ -125,11 +128,19 @@ class ChannelScorer:
     def score_channels(self, stats: MlpStats) -> Tensor:
         return stats.gram.diagonal()
 
+    def compensate_groups(self, stats: AttentionStats, keep: Tensor) -> Tensor | None:
+        return None
+
+    def compensate_channels(self, stats: MlpStats, keep: Tensor) -> Tensor | None:
+        return None
+
     def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
-        return Choice(top(self.score_groups(stats), keep))
+        kept = top(self.score_groups(stats), keep)
+        return Choice(kept, self.compensate_groups(stats, kept))
 
     def select_channels(self, stats: MlpStats, keep: int) -> Choice:
-        return Choice(top(self.score_channels(stats), keep))
+        kept = top(self.score_channels(stats), keep)
+        return Choice(kept, self.compensate_channels(stats, kept))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -189,22 +200,23 @@ class FlattenGPTScorer(ChannelScorer):
 
     def select_groups(self, stats: AttentionStats, keep: int) -> Choice:
         if self.heads == "contribution":
-            kept = top(self.score_groups(stats), keep)
-        else:
-            kept_list = list(range(stats.shape.num_kv_heads))
-            while len(kept_list) > keep:
-                errors = self.attention_errors(stats, [[g for g in kept_list if g != drop] for drop in kept_list])
-                kept_list.pop(min(range(len(errors)), key=errors.__getitem__))
-            kept = torch.tensor(kept_list, dtype=torch.long)
-        return Choice(kept, self.refit_o_proj(stats, kept) if self.refit_o else None)
+            return super().select_groups(stats, keep)
+        kept_list = list(range(stats.shape.num_kv_heads))
+        while len(kept_list) > keep:
+            errors = self.attention_errors(stats, [[g for g in kept_list if g != drop] for drop in kept_list])
+            kept_list.pop(min(range(len(errors)), key=errors.__getitem__))
+        kept = torch.tensor(kept_list, dtype=torch.long)
+        return Choice(kept, self.compensate_groups(stats, kept))
+
+    def compensate_groups(self, stats: AttentionStats, keep: Tensor) -> Tensor | None:
+        return self.refit_o_proj(stats, keep) if self.refit_o else None
 
     def score_channels(self, stats: MlpStats) -> Tensor:
         return ridge_leverage(stats.gram, self.ridge)
 
-    def select_channels(self, stats: MlpStats, keep: int) -> Choice:
-        kept = top(self.score_channels(stats), keep)
+    def compensate_channels(self, stats: MlpStats, keep: Tensor) -> Tensor | None:
         cross = stats.target_cross if self.target == "sequential" else stats.own_cross()
-        return Choice(kept, ridge_refit(stats.gram, cross, kept, stats.weights["down"], self.ridge))
+        return ridge_refit(stats.gram, cross, keep, stats.weights["down"], self.ridge)
 
 
 class MagnitudeScorer(ChannelScorer):
