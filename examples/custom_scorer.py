@@ -19,7 +19,7 @@ class WrittenEnergy(ChannelScorer):
 
 model, tokenizer = load_model("smollm2-135m")
 calibration = torch.randint(0, tokenizer.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
-model, plan = Flattener(model, calibration, scorer="written-energy").compress(remove=1)
+model, plan = Flattener(model, calibration, scorer="written-energy", policy="greedy").compress(remove=1)  # a merge
 merge = plan.merges[0]
 print(f"flattened blocks {merge.span} (similarity {merge.similarity:.3f}); kept KV groups {merge.keep_groups}, "
       f"{sum(c < 1536 for c in merge.keep_channels)} channels of the first block and "

@@ -22,6 +22,15 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def register_factory(self, name: str, factory: T | None = None, *, replace: bool = False):
+        """Register a class or factory (anything callable) under ``name``; without ``factory``, a class
+        decorator that does so."""
+        if factory is None:
+            return lambda f: self.register_factory(name, f, replace=replace)
+        if not callable(factory):
+            raise TypeError(f"a {self.kind} factory must be callable, got {type(factory).__name__}")
+        return self.register(name, factory, replace=replace)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

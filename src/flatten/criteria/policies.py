@@ -322,12 +322,7 @@ POLICIES: Registry[Callable[..., PairPolicy]] = Registry("pair-selection policy"
 
 def register_policy(name: str, factory: Callable[..., PairPolicy] | None = None, *, replace: bool = False):
     """Register a policy class or factory under ``name``; usable as a class decorator."""
-    if factory is None:
-        return lambda f: register_policy(name, f, replace=replace)
-    if not callable(factory):
-        raise TypeError(f"a policy factory must be callable, got {type(factory).__name__}")
-    POLICIES.register(name, factory, replace=replace)
-    return factory
+    return POLICIES.register_factory(name, factory, replace=replace)
 
 
 register_policy("greedy", GreedySimilarity)

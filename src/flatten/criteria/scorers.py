@@ -266,12 +266,7 @@ SCORERS: Registry[Callable[..., ChannelScorer]] = Registry("scorer")
 
 def register_scorer(name: str, factory: Callable[..., ChannelScorer] | None = None, *, replace: bool = False):
     """Register a scorer class or factory under ``name``; usable as a class decorator."""
-    if factory is None:
-        return lambda f: register_scorer(name, f, replace=replace)
-    if not callable(factory):
-        raise TypeError(f"a scorer factory must be callable, got {type(factory).__name__}")
-    SCORERS.register(name, factory, replace=replace)
-    return factory
+    return SCORERS.register_factory(name, factory, replace=replace)
 
 
 def get_scorer(scorer: str | ChannelScorer, **options) -> ChannelScorer:
