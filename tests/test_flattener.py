@@ -315,7 +315,7 @@ def test_an_absorbed_block_is_fitted_into_its_neighbour(fit_to):
 def test_the_cut_absorbs_the_run_of_least_angular_distance_into_the_block_before_it():
     spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=6, dtype=torch.float64)
     calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(2))
-    distances = get_strategy("angular")(tiny_model(spec), calibration, tokens="all", batch_size=2,
+    distances = get_strategy("angular")(tiny_model(spec), calibration, tokens="last", batch_size=2,
                                         progress=False).cut_distances(2)
     start = 1 + min(range(len(distances) - 1), key=lambda s: float(distances[s + 1]))  # a block before the run
     plain, plan = Flattener(tiny_model(spec), calibration, scorer="magnitude", policy="cut", batch_size=2,

@@ -268,15 +268,15 @@ class LossSearch(PairPolicy):
 
 class ContiguousCut(PairPolicy):
     """Remove one contiguous run of blocks: the run of ``k`` blocks after block 0 whose input and output are
-    closest in angular distance (the choice of Gromov et al. and ReplaceMe; over all calibration tokens by
-    default, ``tokens="last"`` for theirs), each of its blocks absorbed in turn into the block before the run
-    (``Step("absorb")``: that block's ``down_proj`` refitted to compute what the blocks computed; with
+    closest in angular distance (the choice of Gromov et al. and ReplaceMe: at the last token of each
+    calibration sequence; ``tokens="all"`` over all tokens), each of its blocks absorbed in turn into the
+    block before the run (``Step("absorb")``: that block's ``down_proj`` refitted to compute what the blocks computed; with
     ``Flattener(fit_to="dense")``, what the original model computed at the end of the run so far). With
     ``merges=True`` each step also tries flattening the two blocks instead (the scorer chooses the heads and
     channels kept) and takes whichever gives the lower loss on the first ``search_samples`` calibration
     sequences (``SearchState.trial_losses``)."""
 
-    def __init__(self, tokens: str = "all", merges: bool = False, search_samples: int = 4):
+    def __init__(self, tokens: str = "last", merges: bool = False, search_samples: int = 4):
         if tokens not in ("all", "last"):
             raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
         if not isinstance(merges, (bool, int)):
