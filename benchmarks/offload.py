@@ -130,7 +130,7 @@ def main() -> None:
         return child(*args.child, args.remove, args.samples, args.seq_len, args.mapped_allocations)
 
     sys.path.insert(0, str(ROOT / "src"))
-    from flatten.checkpoint import tensors_sha256
+    from flatten.files import tensors_sha256
     from flatten.measure import machine
     from harness import publish
     from safetensors import safe_open

@@ -1,4 +1,4 @@
-"""The flattening identity (METHOD.md section 2) and the pruning kernel, over tiny random models."""
+"""The flattening identity (docs/method.md section 2) and the pruning kernel, over tiny random models."""
 
 import pytest
 import torch

@@ -39,8 +39,8 @@ def test_recovery_lowers_the_loss_and_leaves_a_stock_model_bit_identically_on_cp
         assert tuned.generate(data[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-@pytest.mark.parametrize("kwargs, says", [({"rank": 0}, "rank must be a positive int"),
-                                          ({"epochs": 1.5}, "epochs must be a positive int"),
+@pytest.mark.parametrize("kwargs, says", [({"rank": 0}, "rank must be an int >= 1"),
+                                          ({"epochs": 1.5}, "epochs must be an int >= 1"),
                                           ({"lr": -1.0}, "lr must be a positive number")])
 def test_bad_recovery_settings(kwargs, says):
     with pytest.raises(ValueError, match=says):

@@ -24,5 +24,5 @@ def test_task_names_and_limit_are_checked():
     check_tasks(["piqa"], 5)
     with pytest.raises(ValueError, match="unknown zero-shot tasks"):
         check_tasks([])
-    with pytest.raises(ValueError, match="limit must be a positive int"):
+    with pytest.raises(ValueError, match="limit must be an int >= 1 or None"):
         check_tasks(["piqa"], 0)

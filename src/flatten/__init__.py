@@ -4,10 +4,12 @@ Two adjacent blocks become one block of double width (heads and MLP channels sid
 pruned back to the original width: the model loses a layer and stays a stock checkpoint of its family.
 """
 
-from flatten.architectures import ARCHITECTURES, Architecture, BlockShape, architecture_for, register_architecture
+import flatten.baselines  # noqa: F401  (registers the baseline strategies)
+from flatten.architectures import ARCHITECTURES, NORMS, Architecture, BlockShape, architecture_for, register_architecture
 from flatten.checkpoint import check_stock, save_checkpoint
 from flatten.compressor import STRATEGIES, Compressor, get_strategy, register_strategy
-from flatten.criteria import ChannelScorer, PairPolicy, get_policy, get_scorer, register_scorer
+from flatten.criteria import ChannelScorer, PairPolicy, get_policy, get_scorer, register_policy, register_scorer
+from flatten.data import calibration_tokens
 from flatten.evaluation import Perplexity, perplexity
 from flatten.flattener import Flattener
 from flatten.latency import Latency, measure_latency
@@ -16,9 +18,11 @@ from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan
 from flatten.recovery import Recovery, recover
+from flatten.verify import verify_architecture
 
 __all__ = [
     "ARCHITECTURES",
+    "NORMS",
     "STRATEGIES",
     "Architecture",
     "BlockPair",
@@ -33,6 +37,7 @@ __all__ = [
     "Perplexity",
     "Recovery",
     "architecture_for",
+    "calibration_tokens",
     "check_stock",
     "count_parameters",
     "embedded_model_path",
@@ -47,8 +52,10 @@ __all__ = [
     "perplexity",
     "prune_block",
     "register_architecture",
+    "register_policy",
     "register_scorer",
     "register_strategy",
     "replace_span",
     "save_checkpoint",
+    "verify_architecture",
 ]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from flatten.registry import Registry
 
@@ -29,9 +30,25 @@ class BlockShape:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def head_rows(self, groups: Tensor) -> Tensor:
+        """Row indices of ``q_proj`` (columns of ``o_proj``) for the query heads of the KV groups ``groups``,
+        in group order."""
+        heads = (groups[:, None] * self.group_size + torch.arange(self.group_size)).reshape(-1)
+        return (heads[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+    def kv_rows(self, groups: Tensor) -> Tensor:
+        """Row indices of ``k_proj``/``v_proj`` for the KV heads ``groups``."""
+        return (groups[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+
+NORMS = {"rms": "weight * x / rms(x)", "rms+1": "(1 + weight) * x / rms(x)"}  # what the kernel can fold
+
 
 @dataclass(frozen=True)
 class Architecture:
+    """Where a family keeps the parts of a pre-norm decoder block, and what its norms compute (``norm``, a
+    key of ``NORMS``). ``flatten.verify_architecture(model)`` checks a description on a tiny random model."""
+
     model_type: str
     layers: str = "model.layers"
     attn_norm: str = "input_layernorm"
@@ -53,6 +70,21 @@ class Architecture:
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     # config ints counting leading layers (lowered when a layer below them is removed)
     layer_count_fields: tuple[str, ...] = ()
+    norm: str = "rms"
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            known = "; ".join(f"{key!r}: {form}" for key, form in NORMS.items())
+            raise ValueError(f"architecture {self.model_type!r} declares norm {self.norm!r}, which the kernel "
+                             f"cannot fold; it folds only these ({known})")
+
+    def norm_scale(self, weight: Tensor) -> Tensor:
+        """The per-channel factor a norm with this ``weight`` applies after dividing by ``rms(x)``."""
+        return weight + 1 if self.norm == "rms+1" else weight
+
+    def norm_weight(self, scale: Tensor) -> Tensor:
+        """The norm weight whose per-channel factor is ``scale``."""
+        return scale - 1 if self.norm == "rms+1" else scale
 
     @property
     def attn_readers(self) -> tuple[str, ...]:
@@ -125,6 +157,9 @@ class Architecture:
                 ) from None
             if getattr(module, "weight", None) is None:
                 raise ValueError(f"{type(block).__name__}.{path} has no weight")
+            if path in self.norms and getattr(module, "bias", None) is not None:
+                raise ValueError(f"{type(block).__name__}.{path} has a bias: a LayerNorm-style norm cannot be "
+                                 f"folded; the kernel folds only {', '.join(NORMS.values())}")
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flatten.calibration import mlp_stats, on_device, run_block
-from flatten.checkpoint import write_atomically
+from flatten.checks import check_int
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
+from flatten.files import write_atomically
 from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
 from flatten.models import count_parameters
 
@@ -62,9 +63,7 @@ class Baseline(Compressor):
     def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
                  device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
-        if search_samples is not None and (isinstance(search_samples, bool) or not isinstance(search_samples, int)
-                                           or not 1 <= search_samples <= calibration.shape[0]):
-            raise ValueError(f"search_samples must be an int from 1 to {calibration.shape[0]}, got {search_samples!r}")
+        check_int("search_samples", search_samples, 1, calibration.shape[0], optional=True)
         self.search_batches = list(calibration[:search_samples].split(batch_size))
 
     def _record(self, start: float, **found) -> Removal:
@@ -152,10 +151,8 @@ class LaCo(Baseline):
                  device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress,
                          search_samples=search_samples)
-        if not isinstance(collapse, int) or collapse < 2:
-            raise ValueError(f"collapse must be an int >= 2 (blocks merged into one), got {collapse!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be a positive int, got {interval!r}")
+        check_int("collapse (blocks merged into one)", collapse, 2)
+        check_int("interval", interval)
         self.collapse, self.interval, self.threshold, self.step = collapse, interval, threshold, step
         self.lowest = len(self.arch.layers_of(model)) // 2 if lowest is None else lowest
 

@@ -1,4 +1,4 @@
-"""Sequential calibration (METHOD.md section 5): block inputs on the calibration set, block by block.
+"""Sequential calibration (docs/method.md section 5): block inputs on the calibration set, block by block.
 
 The model's own forward computes what its decoder layers receive besides the hidden states (attention mask,
 RoPE, positions); ``capture`` records that once per layer by standing in for every layer, so that a block
@@ -15,7 +15,50 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flatten.architectures import Architecture, BlockShape
-from flatten.criteria.scorers import AttentionStats, MlpStats
+
+
+def check_calibration(model: nn.Module, calibration: Tensor) -> None:
+    """Raise unless ``calibration`` is a non-empty 2-D tensor of token ids in the model's vocabulary."""
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
+        raise TypeError("calibration must be a 2-D integer tensor of token ids (samples x sequence length)")
+    if calibration.shape[0] < 1 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration of shape {tuple(calibration.shape)} is empty or too short")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got ids "
+                         f"from {int(calibration.min())} to {int(calibration.max())}: another tokenizer?")
+
+
+@dataclass
+class AttentionStats:
+    """Attention of a wide block on the calibration tokens. ``o`` stands for the head outputs before
+    ``o_proj`` (tokens x heads*head_dim)."""
+
+    shape: BlockShape
+    weights: dict[str, Tensor]  # "q", "k", "v", "o" weights of the wide block (out x in)
+    gram: Tensor  # sum over tokens of o^T o, float64, (heads*head_dim)^2
+    contribution: Tensor  # per query head: mean over tokens of || o_h W_o,h^T ||, float64
+    tokens: int
+
+    def group_rows(self, group: int) -> Tensor:
+        """Columns of ``o_proj`` (rows of ``gram``) that belong to KV group ``group``."""
+        return self.shape.head_rows(torch.tensor([group]))
+
+
+@dataclass
+class MlpStats:
+    """MLP of a wide block on the calibration tokens, after the attention was pruned.
+    ``psi = act(gate z) * (up z)`` are the channel activations (tokens x channels)."""
+
+    shape: BlockShape
+    weights: dict[str, Tensor]  # "gate", "up", "down" weights of the wide block
+    gram: Tensor  # sum over tokens of psi^T psi, float64, channels^2
+    target_cross: Tensor | None  # sum over tokens of psi^T (y_true - u'), float64, channels x hidden; see needs_target
+    tokens: int
+
+    def own_cross(self) -> Tensor:
+        """``psi^T (psi W_down^T)``: the cross term that fits the wide MLP's own output."""
+        return self.gram @ self.weights["down"].double().T
 
 
 class _Stop(Exception):

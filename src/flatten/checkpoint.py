@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from flatten.architectures import architecture_for
@@ -61,26 +58,3 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, ov
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
-
-
-def tensors_sha256(named) -> str:
-    """A digest of ``(name, tensor)`` pairs (names, dtypes, shapes and bytes): equal exactly when the tensors
-    are bit-identical."""
-    digest = hashlib.sha256()
-    for name, tensor in named:
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``: the file is
-    written whole or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -277,7 +277,7 @@ def _batches(text: str) -> list[int]:
 
 
 def _write_json(path: str | Path, document) -> None:
-    from flatten.checkpoint import write_atomically
+    from flatten.files import write_atomically
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

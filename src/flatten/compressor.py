@@ -13,23 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
-from flatten.calibration import LayerInputs, capture, on_device, run_block
+from flatten.calibration import LayerInputs, capture, check_calibration, on_device, run_block
+from flatten.checks import check_int
 from flatten.evaluation import mean_nll
 from flatten.merge import swapped_blocks
 from flatten.models import count_parameters, resolve_device
 from flatten.registry import Registry
-
-
-def check_calibration(model: nn.Module, calibration: Tensor) -> None:
-    """Raise unless ``calibration`` is a non-empty 2-D tensor of token ids in the model's vocabulary."""
-    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
-        raise TypeError("calibration must be a 2-D integer tensor of token ids (samples x sequence length)")
-    if calibration.shape[0] < 1 or calibration.shape[1] < 2:
-        raise ValueError(f"calibration of shape {tuple(calibration.shape)} is empty or too short")
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
-        raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got ids "
-                         f"from {int(calibration.min())} to {int(calibration.max())}: another tokenizer?")
 
 
 class Compressor:
@@ -53,8 +42,7 @@ class Compressor:
                              "which are not supported; for a model larger than memory, load a safetensors folder "
                              "with load_model(folder, dtype='auto'): its weights stay on disk, memory-mapped")
         check_calibration(model, calibration)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         self.calibration, self.batch_size = calibration, batch_size
         self.batches = list(calibration.split(batch_size))
         self.progress = progress
@@ -165,8 +153,5 @@ def register_strategy(name: str, *, replace: bool = False):
 
 
 def get_strategy(name: str) -> type[Compressor]:
-    import importlib
-
-    for module in ("flatten.flattener", "flatten.baselines"):  # their strategies register on import
-        importlib.import_module(module)
+    """The strategy registered under ``name`` (``import flatten`` registers the built-in ones)."""
     return STRATEGIES.get(name)

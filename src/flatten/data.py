@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from flatten.checks import check_int
 from flatten.registry import Registry
 
 WIKITEXT2_TEST = Path("shared/data/wikitext-2-raw/wiki.test.raw")
@@ -231,8 +232,8 @@ def calibration_domains(source: str | Path | None) -> list[str]:
 
 def windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``samples`` distinct non-overlapping windows of ``seq_len`` tokens, chosen at random (seeded)."""
-    if not isinstance(samples, int) or not isinstance(seq_len, int) or samples < 1 or seq_len < 2:
-        raise ValueError(f"need samples >= 1 and seq_len >= 2, got {samples!r} and {seq_len!r}")
+    check_int("samples", samples)
+    check_int("seq_len", seq_len, 2)
     available = ids.numel() // seq_len
     if available < samples:
         raise ValueError(f"{ids.numel()} tokens hold only {available} windows of {seq_len}; {samples} were asked for")
@@ -294,7 +295,6 @@ def recovery_tokens(tokenizer, samples: int = 128, seq_len: int = 256, seed: int
     """Token ids (samples x seq_len) for recovery fine-tuning: windows of the Wikipedia lead sections'
     calibration split taken after its first ``after`` tokens (by default those of the default calibration,
     32 x 512), so disjoint from the calibration windows; evaluation uses WikiText-2 or the held-out articles."""
-    if not isinstance(after, int) or after < 0:
-        raise ValueError(f"after must be a number of tokens >= 0, got {after!r}")
+    check_int("after (a number of tokens)", after, 0)
     ids = tokenize(tokenizer, wikipedia_leads("calibration"), max_tokens=after + samples * seq_len * 4)
     return windows(ids[after:], samples, seq_len, seed)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from flatten.checks import check_int
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -64,8 +66,7 @@ def compare_latency(models: list[nn.Module], *, batch: int = 1, prompt: int = 12
     """``measure_latency`` for several models, their runs interleaved (A, B, A, B, ...) so that a shared
     machine's changing speed affects them alike. The models must share a vocabulary."""
     for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     vocab = min(m.get_input_embeddings().num_embeddings for m in models)
     ids = torch.randint(vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     inputs = [ids.to(next(m.parameters()).device) for m in models]

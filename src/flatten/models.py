@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flatten.checkpoint import write_atomically
+from flatten.files import write_atomically
 
 SMOLLM2 = "smollm2-135m"
 QWEN25_CODER = "qwen2.5-coder-0.5b"

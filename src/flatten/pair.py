@@ -59,7 +59,7 @@ class BlockPair:
         return self._layers()[self.index + 1]
 
     def flatten(self) -> nn.Module:
-        """The wide block of METHOD.md section 2 (a new module; the model is not changed)."""
+        """The wide block of docs/method.md section 2 (a new module; the model is not changed)."""
         return flatten_blocks(self.first, self.second, self.arch, self.model.config, self.index)
 
     def prune(self, wide: nn.Module, keep_groups, keep_channels, o_proj: Tensor | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
-from flatten.checkpoint import tensors_sha256, write_atomically
+from flatten.files import tensors_sha256, write_atomically
 from flatten.pair import BlockPair
 
 FORMAT = "flatten-plan/1"

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.compressor import check_calibration
+from flatten.calibration import check_calibration
+from flatten.checks import check_int
 
 
 @dataclass
@@ -48,8 +49,7 @@ def recover(model: nn.Module, data: Tensor, *, rank: int = 8, alpha: float = 16,
         raise ModuleNotFoundError("LoRA recovery needs peft: pip install 'flatten-gpt[recover]'") from None
     check_calibration(model, data)
     for name, value in (("rank", rank), ("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
 

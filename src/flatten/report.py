@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flatten.checkpoint import tensors_sha256, write_atomically
+from flatten.files import tensors_sha256, write_atomically
 
 
 def versions() -> dict:

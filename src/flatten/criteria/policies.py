@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from flatten.checks import check_int
 from flatten.registry import Registry
 
 Span = tuple[int, int]  # first and last original block held by a block, inclusive
@@ -151,9 +152,7 @@ class GreedySimilarity(OneShot):
     the paper's is 0): the input similarity does not see what the last block does to the output."""
 
     def __init__(self, keep_last: int = 1):
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
-        self.keep_last = keep_last
+        self.keep_last = check_int("keep_last", keep_last, 0)
 
     def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
         """Index ``g``: flatten group ``g`` with group ``g + 1``."""
@@ -231,12 +230,10 @@ class LossSearch(PairPolicy):
 
     def __init__(self, search_samples: int = 4, merges: int | None = 4, absorbs: int | None = 4,
                  drops: int | None = 4, keep_last: int = 1):
-        for name, value, least in (("search_samples", search_samples, 1), ("merges", merges, 0),
-                                   ("absorbs", absorbs, 0), ("drops", drops, 0), ("keep_last", keep_last, 0)):
-            optional = name in ("merges", "absorbs", "drops")
-            if (value is None and optional) or (not isinstance(value, bool) and isinstance(value, int) and value >= least):
-                continue
-            raise ValueError(f"{name} must be an int >= {least}" + (" or None" if optional else "") + f", got {value!r}")
+        check_int("search_samples", search_samples)
+        check_int("keep_last", keep_last, 0)
+        for name, value in (("merges", merges), ("absorbs", absorbs), ("drops", drops)):
+            check_int(name, value, 0, optional=True)
         if merges == absorbs == drops == 0:
             raise ValueError("merges, absorbs and drops cannot all be 0: there would be nothing to try")
         self.search_samples, self.merges, self.absorbs, self.drops = search_samples, merges, absorbs, drops
@@ -281,8 +278,7 @@ class ContiguousCut(PairPolicy):
             raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
         if not isinstance(merges, (bool, int)):
             raise ValueError(f"merges must be True or False, got {merges!r}")
-        if isinstance(search_samples, bool) or not isinstance(search_samples, int) or search_samples < 1:
-            raise ValueError(f"search_samples must be an int >= 1, got {search_samples!r}")
+        check_int("search_samples", search_samples)
         self.tokens, self.merges, self.search_samples = tokens, bool(merges), search_samples
 
     @property

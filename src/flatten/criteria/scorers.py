@@ -1,6 +1,6 @@
 """Channel scorers: calibration statistics of one wide block -> which KV groups and MLP channels to keep.
 
-A scorer sees the wide block in two steps (METHOD.md section 3): first the attention (``AttentionStats``),
+A scorer sees the wide block in two steps: first the attention (``AttentionStats``),
 then the MLP, whose statistics are gathered with the attention already pruned (``MlpStats``). For each it
 returns a ``Choice``: the kept indices and, if it compensates, a replacement ``o_proj``/``down_proj`` weight.
 A new metric only overrides ``score_groups`` and/or ``score_channels`` (higher = keep).
@@ -14,41 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flatten.architectures import BlockShape
-from flatten.merge.kernel import head_rows
+from flatten.calibration import AttentionStats, MlpStats
 from flatten.registry import Registry
-
-
-@dataclass
-class AttentionStats:
-    """Attention of a wide block on the calibration tokens. ``o`` stands for the head outputs before
-    ``o_proj`` (tokens x heads*head_dim)."""
-
-    shape: BlockShape
-    weights: dict[str, Tensor]  # "q", "k", "v", "o" weights of the wide block (out x in)
-    gram: Tensor  # sum over tokens of o^T o, float64, (heads*head_dim)^2
-    contribution: Tensor  # per query head: mean over tokens of || o_h W_o,h^T ||, float64
-    tokens: int
-
-    def group_rows(self, group: int) -> Tensor:
-        """Columns of ``o_proj`` (rows of ``gram``) that belong to KV group ``group``."""
-        return head_rows(torch.tensor([group]), self.shape.group_size, self.shape.head_dim)
-
-
-@dataclass
-class MlpStats:
-    """MLP of a wide block on the calibration tokens, after the attention was pruned.
-    ``psi = act(gate z) * (up z)`` are the channel activations (tokens x channels)."""
-
-    shape: BlockShape
-    weights: dict[str, Tensor]  # "gate", "up", "down" weights of the wide block
-    gram: Tensor  # sum over tokens of psi^T psi, float64, channels^2
-    target_cross: Tensor | None  # sum over tokens of psi^T (y_true - u'), float64, channels x hidden; see needs_target
-    tokens: int
-
-    def own_cross(self) -> Tensor:
-        """``psi^T (psi W_down^T)``: the cross term that fits the wide MLP's own output."""
-        return self.gram @ self.weights["down"].double().T
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The flatten-and-prune kernel and the model surgery around it."""
 
-from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, head_rows, kv_rows, prune_block, select_block
+from flatten.merge.kernel import build_block, flatten_blocks, fold_norms, folded_state, prune_block, select_block
 from flatten.merge.surgery import remove_blocks, renumber_layers, replace_span, swapped_blocks
 
 __all__ = [
@@ -8,8 +8,6 @@ __all__ = [
     "flatten_blocks",
     "fold_norms",
     "folded_state",
-    "head_rows",
-    "kv_rows",
     "prune_block",
     "remove_blocks",
     "renumber_layers",

@@ -1,4 +1,4 @@
-"""The flatten-and-prune kernel (METHOD.md sections 2 and 3).
+"""The flatten-and-prune kernel (docs/method.md sections 2 and 3).
 
 Pure functions from blocks to new blocks: the inputs are never modified. The kernel knows blocks only
 through an ``Architecture`` description and takes every selection and compensation weight from outside.
@@ -42,19 +42,19 @@ def _state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
 
 
 def folded_state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
-    """The block's tensors with each RMSNorm weight folded into the projections that read it.
+    """The block's tensors with each norm's per-channel factor folded into the projections that read it.
 
-    ``W <- W * gamma`` (input columns), then ``gamma <- 1``: an exact rewrite of the block.
+    ``W <- W * gamma`` (input columns), then the norm's factor becomes 1: an exact rewrite of the block.
     """
     arch.check_block(block)
     state = {name: t.clone() for name, t in _state(block, arch).items()}
     for norm, readers in ((arch.attn_norm, arch.attn_readers), (arch.mlp_norm, arch.mlp_readers)):
-        gamma = state[f"{norm}.weight"]
+        gamma = arch.norm_scale(state[f"{norm}.weight"])
         for reader in readers:
             weight = state[f"{reader}.weight"]
             work = torch.promote_types(weight.dtype, torch.float32)
             state[f"{reader}.weight"] = (weight.to(work) * gamma.to(work)).to(weight.dtype)
-        state[f"{norm}.weight"] = torch.ones_like(gamma)
+        state[f"{norm}.weight"] = arch.norm_weight(torch.ones_like(gamma))
     return state
 
 
@@ -139,17 +139,6 @@ def _replacement(weight, name: str, like: Tensor) -> Tensor:
     return weight.detach().to(dtype=like.dtype, device=like.device).clone()
 
 
-def head_rows(groups: Tensor, group_size: int, head_dim: int) -> Tensor:
-    """Row indices of ``q_proj`` for the query heads of the given KV groups, in group order."""
-    heads = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
-def kv_rows(groups: Tensor, head_dim: int) -> Tensor:
-    """Row indices of ``k_proj``/``v_proj`` for the given KV heads."""
-    return (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
 def select_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
                  o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
     """A block holding only ``keep_groups`` (a KV head and its query heads each) and ``keep_channels``
@@ -159,8 +148,8 @@ def select_block(block: nn.Module, arch: Architecture, config, layer_idx: int, k
     have = arch.block_shape(block, config)
     groups = _selection(keep_groups, "keep_groups", None, have.num_kv_heads)
     channels = _selection(keep_channels, "keep_channels", None, have.intermediate_size)
-    q_rows = head_rows(groups, have.group_size, have.head_dim)
-    k_rows = kv_rows(groups, have.head_dim)
+    q_rows = have.head_rows(groups)
+    k_rows = have.kv_rows(groups)
 
     state = {name: t.clone() for name, t in _state(block, arch).items()}
 
