@@ -75,3 +75,13 @@ def test_evaluation_reads_the_first_tokens_of_a_corpus(bytes_tokenizer):
     assert text == CORPORA.get("alice").read() and "fiction" in about
     with pytest.raises(ValueError, match="unknown corpus 'nope'; known: .*alice"):
         evaluation_tokens(bytes_tokenizer, "nope", 10)
+
+
+def test_without_wikitext2_beside_the_project_the_default_text_is_the_held_out_leads(monkeypatch):
+    """What the examples read on a user's machine, where ../shared does not exist."""
+    import flatten.data
+
+    monkeypatch.setattr(flatten.data, "wikitext2_test_path", lambda: None)
+    text, about = evaluation_text()
+    assert about == "the Wikipedia lead sections held out from calibration"
+    assert text == flatten.data.wikipedia_leads("heldout") and len(text) > 100_000
