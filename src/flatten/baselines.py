@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.calibration import mlp_stats, on_device, run_block
+from flatten.calibration import on_device, run_block
 from flatten.checks import check_int
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.files import write_atomically
 from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
 from flatten.models import count_parameters
+from flatten.recipe import choose_channels
 
 
 @dataclass
@@ -346,9 +347,8 @@ class PruneOnly(Baseline):
             calls, home = inputs.calls[i], next(layers[i].parameters()).device
             with on_device(layers[i], self.device) as block:
                 targets = run_block(block, hidden, calls, f"block {i}") if self.scorer.needs_target else None
-                stats = mlp_stats(block, self.arch, shape, hidden, calls, targets)
-                channels = self.scorer.select_channels(stats, width)
-                del stats, targets
+                channels = choose_channels(block, self.arch, config, self.scorer, hidden, calls, targets, width)
+                del targets
                 narrow = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep,
                                       down_proj=channels.weight)
             layers[i] = narrow.to(home)

@@ -11,17 +11,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.calibration import attention_stats, input_similarity, mlp_stats, on_device, run_block, token_rows
+from flatten.calibration import input_similarity, on_device, run_block, token_rows
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import (SIMILARITIES, FixedSpans, LossSearch, PairPolicy, Span, Step, get_policy,
                                       pair_of)
-from flatten.criteria.scorers import ChannelScorer, Choice, get_scorer
+from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.data import token_sha256
-from flatten.merge import select_block
 from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
+from flatten.recipe import RECIPES, input_rms_weights, pair_outputs, side
 from flatten.search import Search
 
 
@@ -239,8 +239,8 @@ class Flattener(Compressor):
         similarity = None if state.plan.similarity is None else float(state.plan.similarity[span[0]][span[1]])
         if step.kind == "drop":  # a merge that keeps one block of the pair whole, uncompensated
             want = self.arch.shape_of(self.model.config)
-            merge = Merge(p, span, similarity, _side(keep, want.num_kv_heads).tolist(),
-                          _side(keep, want.intermediate_size).tolist())
+            merge = Merge(p, span, similarity, side(keep, want.num_kv_heads).tolist(),
+                          side(keep, want.intermediate_size).tolist())
             with self.watch("flatten and prune"):
                 merge.apply(self.model)
             return merge
@@ -310,98 +310,54 @@ class Flattener(Compressor):
     def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
                      calls: list, fit_targets: list[Tensor] | None = None,
                      keep: str | None = None) -> tuple[nn.Module, Merge, dict | None]:
-        """The block that would replace blocks ``position`` and ``position + 1``, its Merge record, and the
-        one-block-fallback choice (None without it); the model is not changed. A scorer with a target fits
-        the output to ``fit_targets`` if given, else to the two original blocks' output on ``hidden``.
-        ``keep="first"`` or ``"second"`` keeps that block's KV groups and channels: its attention as it was,
-        its ``down_proj`` compensated by the scorer to compute what the two blocks computed (it absorbs the
-        other block)."""
-        arch, config = self.arch, self.model.config
-        want = arch.shape_of(config)
+        """The block that would replace blocks ``position`` and ``position + 1`` (``merge_pair``, or the
+        ablation ``prune`` names), its Merge record, and the one-block-fallback choice (None without it); the
+        model is not changed. The refit fits ``fit_targets`` if given, else the two original blocks' output."""
         pair = BlockPair(self.model, position)
-        home = next(pair.first.parameters()).device
-        if self.prune is not True and (arch.block_shape(pair.first, config) != want
-                                       or arch.block_shape(pair.second, config) != want):
-            raise ValueError(f"prune={self.prune!r} leaves wide blocks: spans of two blocks only; span {span} is longer")
-        if not self.prune:  # the ablation "flatten only": the wide block stays, nothing is removed from it
-            wide = pair.flatten()
-            shape = arch.block_shape(wide, config)
-            return wide, Merge(position, span, similarity, list(range(shape.num_kv_heads)),
-                               list(range(shape.intermediate_size))), None
-        watch = self.watch
-        with watch("flatten and prune"):
-            wide = pair.flatten().to(self.device)
-        shape = arch.block_shape(wide, config)
+        if self.prune is not True:
+            want = self.arch.shape_of(self.model.config)
+            if any(self.arch.block_shape(b, self.model.config) != want for b in (pair.first, pair.second)):
+                raise ValueError(f"prune={self.prune!r} leaves wide blocks: spans of two blocks only; span {span} is longer")
+        weights = input_rms_weights(hidden) if self.token_weighting == "input-rms" else None
+        first = pair_targets = None
+        if self.one_block_fallback == "reconstruction":
+            with self.watch("targets: the two original blocks"):
+                first, pair_targets = pair_outputs(pair, hidden, calls, self.device)
+        block, merge = RECIPES[self.prune](pair, self.scorer, hidden, calls, token_weights=weights, keep=keep,
+                                           targets=fit_targets if fit_targets is not None else pair_targets,
+                                           device=self.device, watch=self.watch)
+        merge.span, merge.similarity = span, similarity
+        if not self.one_block_fallback:
+            return block, merge, None
+        with self.watch("one-block fallback"):
+            return self._fallback(pair, block, merge, hidden, calls, first, pair_targets, weights)
 
-        weights = None
-        if self.token_weighting == "input-rms":
-            weights = [1 / token_rows(x).float().square().mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
-                       for x in hidden]
-        if self.prune == "mlp":  # the ablation: all heads of both blocks stay
-            groups = Choice(torch.arange(shape.num_kv_heads))
-        elif keep is not None:  # the kept block's attention stays as it was; its MLP absorbs the other block
-            groups = Choice(_side(keep, want.num_kv_heads))
-        else:
-            with watch("attention statistics"):
-                attention = attention_stats(wide, arch, shape, hidden, calls, weights)
-            with watch("selection and refits"):
-                groups = self.scorer.select_groups(attention, want.num_kv_heads)
-            del attention
-        with watch("flatten and prune"):
-            half = select_block(wide, arch, config, position, groups.keep, range(shape.intermediate_size),
-                                o_proj=groups.weight)
-        if self.prune == "attention":  # the ablation: all MLP channels of both blocks stay
-            return half.to(home), Merge(position, span, similarity, groups.keep.tolist(),
-                                        list(range(shape.intermediate_size))), None
-        first = targets = None
-        if (self.scorer.needs_target and fit_targets is None) or self.one_block_fallback == "reconstruction":
-            with watch("targets: the two original blocks"):
-                first = self._run(pair.first, hidden, calls, "first block")
-                targets = self._run(pair.second, first, calls, "second block")
-        with watch("MLP statistics"):
-            fit = fit_targets if fit_targets is not None else targets
-            mlp = mlp_stats(half, arch, shape, hidden, calls, fit if self.scorer.needs_target else None, weights)
-        with watch("selection and refits"):
-            if keep is None:
-                channels = self.scorer.select_channels(mlp, want.intermediate_size)
-            else:
-                forced = _side(keep, want.intermediate_size)
-                channels = Choice(forced, self.scorer.compensate_channels(mlp, forced))
-        del mlp, half
-        merge = Merge(position, span, similarity, groups.keep.tolist(), channels.keep.tolist(),
-                      None if groups.weight is None else groups.weight.to(home),
-                      None if channels.weight is None else channels.weight.to(home))
-        with watch("flatten and prune"):
-            if self.prune == "mlp":
-                block = select_block(wide, arch, config, position, groups.keep, channels.keep, down_proj=channels.weight)
-                return block.to(home), merge, None
-            block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
-        choice = None
-        if self.one_block_fallback:
-            with watch("one-block fallback"):
-                if self.one_block_fallback == "loss":  # the model's loss with each candidate in place of the pair
-                    block = block.to(home)
-                    key, errors = "loss", {
-                        name: self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
-                        for name, candidate in (("merged", block), ("first block only", pair.first),
-                                                ("second block only", pair.second))}
-                else:  # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
-                    # better than an identity)
-                    change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
-                    key, errors = "unexplained", {
-                        "merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
-                        "first block only": self._squares(first, targets, weights) / change,
-                        "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
-                                                           weights) / change}
-                chosen = min(errors, key=errors.get)
-                choice = {"span": list(span), "chosen": chosen, key: errors}
-                if chosen != "merged":
-                    g, f = want.num_kv_heads, want.intermediate_size
-                    offset = 0 if chosen == "first block only" else 1
-                    merge = Merge(position, span, similarity, list(range(offset * g, (offset + 1) * g)),
-                                  list(range(offset * f, (offset + 1) * f)))
-                    block = pair.prune(wide, merge.keep_groups, merge.keep_channels)
-        return block.to(home), merge, choice
+    def _fallback(self, pair: BlockPair, block: nn.Module, merge: Merge, hidden: list[Tensor], calls: list,
+                  first: list[Tensor] | None, targets: list[Tensor] | None, weights: list[Tensor] | None):
+        """The best of the merged block and the two blocks that keep one of the pair whole (the fallback)."""
+        position, home = pair.index, next(pair.first.parameters()).device
+        if self.one_block_fallback == "loss":  # the model's loss with each candidate in place of the pair
+            key, errors = "loss", {
+                name: self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
+                for name, candidate in (("merged", block), ("first block only", pair.first),
+                                        ("second block only", pair.second))}
+        else:  # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
+            # better than an identity)
+            change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
+            key, errors = "unexplained", {
+                "merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
+                "first block only": self._squares(first, targets, weights) / change,
+                "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
+                                                   weights) / change}
+        chosen = min(errors, key=errors.get)
+        choice = {"span": list(merge.span), "chosen": chosen, key: errors}
+        if chosen != "merged":
+            want = self.arch.shape_of(self.model.config)
+            g, f, offset = want.num_kv_heads, want.intermediate_size, 0 if chosen == "first block only" else 1
+            merge = Merge(position, merge.span, merge.similarity, list(range(offset * g, (offset + 1) * g)),
+                          list(range(offset * f, (offset + 1) * f)))
+            block = pair.prune(pair.flatten(), merge.keep_groups, merge.keep_channels).to(home)
+        return block, merge, choice
 
     def _outputs(self, block: nn.Module, hidden: list[Tensor], calls: list) -> Iterator[Tensor]:
         """``block``'s output on each batch in turn (not all held at once)."""
@@ -421,12 +377,6 @@ class Flattener(Compressor):
 
 def _key(rows: slice) -> tuple[int, int]:
     return rows.start, rows.stop
-
-
-def _side(keep: str, count: int) -> Tensor:
-    """The indices of the first or the second block's ``count`` groups or channels in a wide block."""
-    offset = {"first": 0, "second": 1}[keep]
-    return torch.arange(offset * count, (offset + 1) * count)
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Digests of the weights that several recipes give on the real SmolLM2-135M: run it before and after a
+change that should not alter results, and compare the two JSON files (equal digests: bit-identical weights).
+
+    python digests.py before.json   # on the old commit
+    python digests.py after.json    # on the new one
+    cmp before.json after.json
+"""
+
+import json
+import sys
+import time
+
+from flatten import Flattener, calibration_tokens, load_model
+from flatten.files import tensors_sha256
+
+RECIPES = {
+    "cut (the default)": {},
+    "greedy": {"policy": "greedy"},
+    "greedy, paper scorer": {"policy": "greedy", "scorer": "flattengpt"},
+    "greedy, one-block fallback": {"policy": "greedy", "one_block_fallback": True},
+    "greedy, fit to pair, input-rms": {"policy": "greedy", "fit_to": "pair", "token_weighting": "input-rms"},
+    "greedy, MLP pruned only": {"policy": "greedy", "prune": "mlp"},
+}
+
+
+def main(path: str) -> None:
+    found = {}
+    for name, options in RECIPES.items():
+        model, tokenizer = load_model("smollm2-135m")
+        calibration = calibration_tokens(tokenizer, samples=8, seq_len=128)
+        start = time.perf_counter()
+        model, plan = Flattener(model, calibration, progress=False, **options).compress(remove=2)
+        found[name] = {"weights": tensors_sha256(sorted(model.state_dict().items())), "spans": plan.spans}
+        print(f"{name}: {found[name]['weights'][:16]} spans {plan.spans} ({time.perf_counter() - start:.0f} s)")
+    with open(path, "w") as f:
+        json.dump(found, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
