@@ -17,6 +17,7 @@ from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan
+from flatten.recipe import merge_pair
 from flatten.recovery import Recovery, recover
 from flatten.verify import verify_architecture
 
@@ -49,6 +50,7 @@ __all__ = [
     "fold_norms",
     "load_model",
     "measure_latency",
+    "merge_pair",
     "perplexity",
     "prune_block",
     "register_architecture",
