@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="save each compressed model (a stock checkpoint) under this folder")
     parser.add_argument("--plot", default=None, help="draw perplexity vs removed fraction into this PNG")
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
+    parser.add_argument("--device", default="cpu", help="where the model, every compression and every measurement "
+                        "run, e.g. cuda (default cpu)")
     args = parser.parse_args()
     methods = [parse_method(m) for m in args.methods.split(",")]
     for name, options in methods:
@@ -138,7 +140,7 @@ def main() -> None:
         check_tasks(tasks, args.limit)
 
     run = setup(args.model, args.samples, args.seq_len, args.windows, sources[0], evaluations)
-    model = run.model
+    model = run.model.to(args.device)
     calibrations = {sources[0]: run.calibration}
     for source in sources[1:]:
         calibrations[source] = calibration_tokens(run.tokenizer, source, samples=args.samples, seq_len=args.seq_len)
