@@ -4,13 +4,12 @@
         --methods flattengpt,shortgpt,sleb:search_samples=4,replaceme,angular \
         --calib default,wikipedia --eval wikitext2,alice --append benchmarks/RESULTS.md
 
-A method is a registered strategy (``flatten.compressor.STRATEGIES``: flattengpt, shortgpt, sleb, laco,
-blockpruner, replaceme, angular, prune-only) with optional ``:key=value`` options for its constructor (several
-joined by ``:``), e.g. ``flattengpt:scorer=magnitude:policy=greedy-recompute``; options the constructor does
-not take go to the scorer (``flattengpt:ridge=0.1``), options prefixed ``policy.`` to the pair-selection policy
-(``flattengpt:policy=loss-search:policy.merges=8``, ``flattengpt:policy=fixed:policy.spans=9-10+13-14``);
-``calibration=N`` gives a method only the first N calibration sequences (``flattengpt:calibration=8``: an
-ablation of the calibration size on nested subsets). Each runs on a fresh copy of the dense model.
+A method is a registered strategy with optional ``:key=value`` options, parsed by ``flatten.options`` as
+``flatten compress --method`` parses them (``flatten compress --help`` lists every strategy's options), e.g.
+``flattengpt:scorer=magnitude:policy=greedy-recompute``, ``flattengpt:ridge=0.1`` (to the scorer),
+``flattengpt:policy=fixed:policy.spans=9-10+13-14``. Here ``calibration=N`` also gives a method only the first N
+calibration sequences (``flattengpt:calibration=8``: an ablation of the calibration size on nested subsets), and
+``--plugin FILE`` imports a file that registers more strategies. Each runs on a fresh copy of the dense model.
 
 ``--calib`` names the calibration text (a mix or corpus of ``flatten.data``, or a file); with several, every
 method runs on each, and the table is the cross table "calibrated on X, measured on Y". ``--eval`` names the
@@ -24,61 +23,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 from flatten import count_parameters, save_checkpoint
-from flatten.compressor import get_strategy
-from flatten.criteria import get_policy, get_scorer
 from flatten.data import CORPORA, EVALUATION_CORPORA, MIXES, calibration_description, calibration_tokens
 from flatten.measure import PeakMemory, machine
+from flatten.options import Method, load_plugins
 from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 from harness import forward_seconds, publish, setup
 
 GIB = 2**30
-
-
-def parse_method(text: str) -> tuple[str, dict]:
-    """``"name:key=value:key=value"`` -> ``(name, {key: value})``; values become int, float or str."""
-    name, *pairs = text.split(":")
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"method option {pair!r} in {text!r} is not key=value")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        options[key] = value
-    return name, options
-
-
-def build(name: str, options: dict, model, calibration):
-    """The strategy ``name`` on ``model``; options its constructor does not take go to its scorer, e.g.
-    ``flattengpt:scorer=reconstruction:ridge=0.1``, or with a ``policy.`` prefix to its pair-selection
-    policy, e.g. ``flattengpt:policy=trial-loss:policy.shortlist=8``."""
-    strategy = get_strategy(name)
-    accepted = set(inspect.signature(strategy.__init__).parameters) - {"self", "model", "calibration"}
-    own = {k: v for k, v in options.items() if k in accepted}
-    policy = {k.removeprefix("policy."): v for k, v in options.items() if k.startswith("policy.")}
-    if isinstance(policy.get("spans"), str):  # policy=fixed:policy.spans=9-10+13-14
-        policy["spans"] = [tuple(int(i) for i in span.split("-")) for span in policy["spans"].split("+")]
-    if policy:
-        default = inspect.signature(strategy.__init__).parameters["policy"].default
-        own["policy"] = get_policy(own.get("policy", default), **policy)
-    rest = {k: v for k, v in options.items()
-            if k not in accepted and k != "calibration" and not k.startswith("policy.")}  # calibration: main()
-    if rest:
-        if "scorer" not in accepted:
-            raise SystemExit(f"{name} takes no options {sorted(rest)}")
-        own["scorer"] = get_scorer(own.get("scorer", "reconstruction"), **rest)
-    return strategy(model, calibration, **own)
 
 
 def plot(rows: list[dict], layers: int, path: str, title: str) -> None:
@@ -125,12 +82,18 @@ def main() -> None:
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
     parser.add_argument("--device", default="cpu", help="where the model, every compression and every measurement "
                         "run, e.g. cuda (default cpu)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="a Python file that registers strategies, scorers or policies (repeatable)")
     args = parser.parse_args()
-    methods = [parse_method(m) for m in args.methods.split(",")]
-    for name, options in methods:
-        get_strategy(name)  # unknown names fail before anything is loaded
-        if not 1 <= options.get("calibration", 1) <= args.samples:
-            raise SystemExit(f"calibration={options['calibration']} must lie in 1..--samples ({args.samples})")
+    load_plugins(args.plugin)
+    methods = []
+    for text in args.methods.split(","):
+        method = Method.parse(text)  # unknown names and options fail before anything is loaded
+        samples = int(method.options.pop("calibration", args.samples))
+        if not 1 <= samples <= args.samples:
+            raise SystemExit(f"calibration={samples} must lie in 1..--samples ({args.samples})")
+        method.arguments()
+        methods.append((method, samples, text.replace(":", " ")))
     removals = [int(k) for k in args.remove.split(",")]
     sources, evaluations = args.calib.split(","), tuple(args.eval.split(","))
     for name in evaluations:
@@ -158,15 +121,13 @@ def main() -> None:
                     forward=None, peak=None, what="")]
     for source, calibration in calibrations.items():
         for k in removals:
-            for name, options in methods:
+            for method, samples, label in methods:
                 work = copy.deepcopy(model)
-                samples = options.get("calibration", args.samples)
                 with PeakMemory() as memory:
                     start = time.perf_counter()
-                    work, record = build(name, options, work, calibration[:samples]).compress(remove=k)
+                    work, record = method.build(work, calibration[:samples]).compress(remove=k)
                     seconds = time.perf_counter() - start
-                label = name + "".join(f" {o}={v}" for o, v in options.items())
-                if args.save and options.get("prune", True):  # flatten-only (prune=0) is no stock checkpoint
+                if args.save and method.arguments().get("prune", True) is True:  # wide blocks: no stock checkpoint
                     folder = Path(args.save) / f"{source}_{label.replace(' ', '_').replace('=', '-')}_remove{k}"
                     save_checkpoint(work, folder, run.tokenizer, overwrite=True)
                     record.save(folder / "decisions.json")

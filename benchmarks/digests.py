@@ -10,26 +10,26 @@ import json
 import sys
 import time
 
-from flatten import Flattener, calibration_tokens, load_model
+from flatten import build_strategy, calibration_tokens, load_model
 from flatten.files import tensors_sha256
 
-RECIPES = {
-    "cut (the default)": {},
-    "greedy": {"policy": "greedy"},
-    "greedy, paper scorer": {"policy": "greedy", "scorer": "flattengpt"},
-    "greedy, one-block fallback": {"policy": "greedy", "one_block_fallback": True},
-    "greedy, fit to pair, input-rms": {"policy": "greedy", "fit_to": "pair", "token_weighting": "input-rms"},
-    "greedy, MLP pruned only": {"policy": "greedy", "prune": "mlp"},
+RECIPES = {  # as ``flatten compress --method`` and compare.py take them (flatten.options)
+    "cut (the default)": "flattengpt",
+    "greedy": "flattengpt:policy=greedy",
+    "greedy, paper scorer": "flattengpt:policy=greedy:scorer=flattengpt",
+    "greedy, one-block fallback": "flattengpt:policy=greedy:one_block_fallback=true",
+    "greedy, fit to pair, input-rms": "flattengpt:policy=greedy:fit_to=pair:token_weighting=input-rms",
+    "greedy, MLP pruned only": "flattengpt:policy=greedy:prune=mlp",
 }
 
 
 def main(path: str) -> None:
     found = {}
-    for name, options in RECIPES.items():
+    for name, method in RECIPES.items():
         model, tokenizer = load_model("smollm2-135m")
         calibration = calibration_tokens(tokenizer, samples=8, seq_len=128)
         start = time.perf_counter()
-        model, plan = Flattener(model, calibration, progress=False, **options).compress(remove=2)
+        model, plan = build_strategy(method, model, calibration, progress=False).compress(remove=2)
         found[name] = {"weights": tensors_sha256(sorted(model.state_dict().items())), "spans": plan.spans}
         print(f"{name}: {found[name]['weights'][:16]} spans {plan.spans} ({time.perf_counter() - start:.0f} s)")
     with open(path, "w") as f:

@@ -15,10 +15,12 @@ from flatten.flattener import Flattener
 from flatten.latency import Latency, measure_latency
 from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
+from flatten.options import Method, build_strategy
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan
 from flatten.recipe import merge_pair
 from flatten.recovery import Recovery, recover
+from flatten.report import RunRecord
 from flatten.verify import verify_architecture
 
 __all__ = [
@@ -33,11 +35,14 @@ __all__ = [
     "Flattener",
     "Latency",
     "Merge",
+    "Method",
     "PairPolicy",
     "Plan",
     "Perplexity",
     "Recovery",
+    "RunRecord",
     "architecture_for",
+    "build_strategy",
     "calibration_tokens",
     "check_stock",
     "count_parameters",

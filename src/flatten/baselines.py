@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,9 @@ class Baseline(Compressor):
     """Shared by the baselines: a search subset of the calibration data and the bookkeeping of indices."""
 
     def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
+                 device: str | torch.device | None = None, progress: bool = True,
+                 search_samples: Annotated[int | None, "calibration sequences a search scores on (default: all)"]
+                 = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         check_int("search_samples", search_samples, 1, calibration.shape[0], optional=True)
         self.search_batches = list(calibration[:search_samples].split(batch_size))
@@ -85,6 +88,10 @@ class ShortGPT(Baseline):
 
     name = "shortgpt"
     title = "ShortGPT (Men et al., 2024)"
+
+    def __init__(self, model: nn.Module, calibration: Tensor, batch_size: int = 4,
+                 device: str | torch.device | None = None, progress: bool = True):
+        super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
 
     def options(self) -> dict:
         return {}
@@ -147,9 +154,14 @@ class LaCo(Baseline):
     name = "laco"
     title = "LaCo (Yang et al., 2024)"
 
-    def __init__(self, model: nn.Module, calibration: Tensor, collapse: int = 4, interval: int = 2,
-                 threshold: float = 0.65, step: float = 0.05, lowest: int | None = None, batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True, search_samples: int | None = None):
+    def __init__(self, model: nn.Module, calibration: Tensor,
+                 collapse: Annotated[int, "blocks merged into one"] = 4,
+                 interval: Annotated[int, "blocks skipped after a collapse"] = 2,
+                 threshold: Annotated[float, "least cosine of the last hidden states to accept a collapse"] = 0.65,
+                 step: Annotated[float, "how much the threshold drops after a walk that fell short"] = 0.05,
+                 lowest: Annotated[int | None, "lowest block merged into (default: half the depth)"] = None,
+                 batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True,
+                 search_samples: int | None = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress,
                          search_samples=search_samples)
         check_int("collapse (blocks merged into one)", collapse, 2)
@@ -314,7 +326,8 @@ class PruneOnly(Baseline):
     name = "prune-only"
     title = "prune only: every MLP narrowed by FlattenGPT's channel scorer, no flattening (ablation)"
 
-    def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
+    def __init__(self, model: nn.Module, calibration: Tensor,
+                 scorer: Annotated[str | ChannelScorer, "what each MLP keeps and how it is refitted"] = "reconstruction",
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         self.scorer = get_scorer(scorer)
@@ -364,8 +377,9 @@ class _ContiguousCut(Baseline):
     block after it, or the last block's output), averaged over the calibration sequences' last tokens (the
     papers' choice, ``tokens="last"``) or over all their tokens (``tokens="all"``)."""
 
-    def __init__(self, model: nn.Module, calibration: Tensor, tokens: str = "last", batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True):
+    def __init__(self, model: nn.Module, calibration: Tensor,
+                 tokens: Annotated[str, "last or all: the tokens the angular distance is averaged over"] = "last",
+                 batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if tokens not in ("last", "all"):
             raise ValueError(f"tokens must be 'last' or 'all', got {tokens!r}")
@@ -409,7 +423,8 @@ class ReplaceMe(_ContiguousCut):
     name = "replaceme"
     title = "ReplaceMe (Shopkhoev et al., 2025), least-squares linear replacement"
 
-    def __init__(self, model: nn.Module, calibration: Tensor, tokens: str = "last", ridge: float = 0.0,
+    def __init__(self, model: nn.Module, calibration: Tensor, tokens: str = "last",
+                 ridge: Annotated[float, "ridge of the map's least squares, in units of the mean eigenvalue"] = 0.0,
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, tokens=tokens, batch_size=batch_size, device=device, progress=progress)
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:

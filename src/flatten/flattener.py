@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
@@ -85,11 +86,19 @@ class Flattener(Compressor):
     name = "flattengpt"
     title = "FlattenGPT (Xu et al., arXiv 2602.08858)"
 
-    def __init__(self, model: nn.Module, calibration: Tensor, scorer: str | ChannelScorer = "reconstruction",
-                 policy: str | PairPolicy = "cut", similarity: str = "cosine", batch_size: int = 4,
-                 device: str | torch.device | None = None, progress: bool = True, prune: bool = True,
-                 checkpoint: str | Path | None = None, one_block_fallback: bool | str = False,
-                 token_weighting: str = "none", fit_to: str = "dense"):
+    def __init__(self, model: nn.Module, calibration: Tensor,
+                 scorer: Annotated[str | ChannelScorer, "what a merge keeps and how it is refitted"] = "reconstruction",
+                 policy: Annotated[str | PairPolicy, "which steps remove the blocks: merges, absorbs, drops"] = "cut",
+                 similarity: Annotated[str, "block-input similarity of the similarity policies"] = "cosine",
+                 batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True,
+                 prune: Annotated[bool | str, "ablation: false keeps flattened blocks wide; attention or mlp "
+                                  "prunes only that half"] = True,
+                 checkpoint: Annotated[str | Path | None, "plan file saved after every step; resumed from if it "
+                                       "exists"] = None,
+                 one_block_fallback: Annotated[bool | str, "keep one block of a pair whole where that does better: "
+                                               "reconstruction or loss"] = False,
+                 token_weighting: Annotated[str, "none or input-rms: how each token's error counts"] = "none",
+                 fit_to: Annotated[str, "dense (the original model's activations) or pair: what refits fit"] = "dense"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
@@ -118,6 +127,9 @@ class Flattener(Compressor):
         self.similarity_name = similarity
         self.measure = SIMILARITIES.get(similarity)
         self.watch = Stopwatch()  # seconds per phase of the last compress()
+
+    def default_removals(self) -> int | None:
+        return self.policy.removes if isinstance(self.policy, FixedSpans) else None
 
     def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
         if isinstance(self.policy, FixedSpans):

@@ -1,14 +1,79 @@
-"""What a compression run reports: the before/after table, the similarity heatmap, the model card."""
+"""What a run reports: its record (``flatten_run.json``), the before/after table, the figures, the model card."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shlex
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from flatten.files import tensors_sha256, write_atomically
+
+RUN_RECORD = "flatten_run.json"
+
+
+@dataclass
+class Results:
+    """Before and after a compression: each list holds the two, measured in the same process."""
+
+    layers: list[int]
+    parameters: list[int]  # the parameters that still compute (BlockPruner's zeroed sub-layers left out)
+    perplexity: list[list[dict]]  # per text: [before, after] of ``Perplexity.as_dict()``
+    latency: list[list[dict]]  # per batch size: [before, after] of ``Latency.as_dict()``
+    compression_seconds: float
+    peak_memory_gib: float
+
+
+@dataclass
+class RunRecord:
+    """What ``flatten_run.json`` holds: the run that made a saved model, one type for every strategy (its
+    decisions, a ``Plan`` or a baseline's ``Removal``, are saved beside it under the name ``decisions``).
+    A recovery adds ``recovery``; a model recovered without a compression of ours has only the first two."""
+
+    name: str
+    base_model: str
+    source_sha256: str | None = None  # the weights the run started from (``weights_sha256``)
+    command: str | None = None
+    argv: list[str] | None = None  # the ``flatten`` arguments, for ``flatten reproduce``
+    cwd: str | None = None
+    versions: dict | None = None
+    machine: str | None = None
+    calibration: dict | None = None  # source, samples, seq_len, seed, sha256 of the tokens
+    strategy: str | None = None  # the strategy's title
+    what: str | None = None  # the decisions in a few words
+    method: dict | None = None  # the strategy's options and bookkeeping (``record.method``)
+    decisions: str | None = None  # the file beside the checkpoint: plan.json or removal.json
+    results: Results | None = None
+    recovery: dict | None = None  # ``flatten recover``: its command, data and result
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / RUN_RECORD
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1) + "\n"))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RunRecord":
+        path = Path(folder) / RUN_RECORD
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no {RUN_RECORD}: it was not written by flatten compress or recover")
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable run record: {error}") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(found, dict) or not {"name", "base_model"} <= found.keys() or found.keys() - known:
+            raise ValueError(f"{path} is not a run record (expected the keys {', '.join(sorted(known))})")
+        if found.get("results") is not None:
+            found["results"] = Results(**found["results"])
+        return cls(**found)
+
+    def made_by(self) -> dict:
+        """``argv``, ``cwd`` and ``source_sha256`` of the command that made the folder: the recovery, if any."""
+        source = self.recovery or asdict(self)
+        return {key: source.get(key) for key in ("argv", "cwd", "source_sha256")}
 
 
 def versions() -> dict:
@@ -35,15 +100,15 @@ def _ratio(before, after) -> str:
     return f"{after / before:.3f}" if before else ""
 
 
-def results_table(record: dict) -> str:
-    """A Markdown table, before / after / after-to-before, of what ``record["results"]`` holds."""
-    results = record["results"]
-    rows = [("layers", *results["layers"], ""), ("parameters", *results["parameters"], "")]
+def results_table(record: RunRecord) -> str:
+    """A Markdown table, before / after / after-to-before, of what ``record.results`` holds."""
+    results = record.results
+    rows = [("layers", *results.layers, ""), ("parameters", *results.parameters, "")]
     rows = [(name, f"{b:,}", f"{a:,}", _ratio(b, a)) for name, b, a, _ in rows]
-    for b, a in results.get("perplexity") or []:
+    for b, a in results.perplexity:
         rows.append((f"perplexity, {_short(b['text'])}", f"{b['value']:.2f}", f"{a['value']:.2f}",
                      _ratio(b["value"], a["value"])))
-    for b, a in results.get("latency") or []:
+    for b, a in results.latency:
         label = f"batch {b['batch']}, {b['prompt']}-token prompt"
         rows.append((f"prefill ms ({label})", f"{b['prefill_ms']:.1f}", f"{a['prefill_ms']:.1f}",
                      _ratio(b["prefill_ms"], a["prefill_ms"])))
@@ -56,21 +121,21 @@ def results_table(record: dict) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def protocol_lines(record: dict) -> list[str]:
+def protocol_lines(record: RunRecord) -> list[str]:
     """How each number in the table was measured, one sentence each."""
-    results, calibration = record["results"], record["calibration"]
-    lines = [f"Compression: {results['compression_seconds']:.1f} s, peak memory {results['peak_memory_gib']:.2f} GiB "
+    results, calibration = record.results, record.calibration
+    lines = [f"Compression: {results.compression_seconds:.1f} s, peak memory {results.peak_memory_gib:.2f} GiB "
              f"(process resident set size, sampled every 5 ms)."]
     lines.append(f"Calibration: {calibration['samples']} x {calibration['seq_len']} tokens of {calibration['source']} "
                  f"(seed {calibration['seed']}, token sha256 {calibration['sha256'][:16]}).")
-    for p, _ in results.get("perplexity") or []:
+    for p, _ in results.perplexity:
         lines.append(f"Perplexity, {_short(p['text'])}: the first {p['windows']} non-overlapping windows of "
                      f"{p['seq_len']} tokens of {p['text']}, each window scored on its own.")
-    if results.get("latency"):
-        lat = results["latency"][0][0]
+    if results.latency:
+        lat = results.latency[0][0]
         lines.append(f"Latency: median of {lat['repeats']} runs after a warm-up, random prompts, greedy decoding of "
                      f"{lat['new_tokens']} tokens with the KV cache; before and after measured in the same process.")
-    lines.append(f"Machine: {record['machine']}.")
+    lines.append(f"Machine: {record.machine}.")
     return lines
 
 
@@ -129,34 +194,34 @@ def cut_plot(distances, run: tuple[int, int], path: str | Path, title: str = "")
     return path
 
 
-def model_card(record: dict) -> str:
+def model_card(record: RunRecord) -> str:
     """A README.md for the compressed checkpoint: what it is, how it was made, how it was measured."""
-    method, results = record["method"], record["results"]
-    layers_before, layers_after = results["layers"]
+    method, calibration = record.method, record.calibration
+    layers_before, layers_after = record.results.layers
     lines = [
         "---",
         "library_name: transformers",
         "tags: [flatten, flattengpt, depth-compression, pruning]",
         "---",
         "",
-        f"# {record['name']}",
+        f"# {record.name}",
         "",
-        f"`{record['base_model']}` "
+        f"`{record.base_model}` "
         + (f"with its depth reduced from {layers_before} to {layers_after} decoder blocks"
            if layers_after < layers_before else f"with all {layers_after} decoder blocks kept")
-        + f" by {record['strategy']}, made with the `flatten` library {record['versions'].get('flatten-gpt')}. "
+        + f" by {record.strategy}, made with the `flatten` library {record.versions.get('flatten-gpt')}. "
         "It is a stock checkpoint of its architecture: load it with `AutoModelForCausalLM.from_pretrained(folder)`.",
         "",
         "## How it was made",
         "",
-        f"- What was done (block indices of the original model): {record['what']}.",
+        f"- What was done (block indices of the original model): {record.what}.",
         *([f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, "
            f"similarity `{method['similarity']}`. Each flattened span became one block: the blocks' attention heads "
            "and MLP channels side by side, then pruned back to the original width."] if "policy" in method else []),
-        f"- Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
-        f"{record['calibration']['source']}.",
-        f"- Every decision is in `{record['decisions']}`; the full record of the run is `flatten_run.json`.",
-        f"- Command: `{record['command']}`",
+        f"- Calibration: {calibration['samples']} x {calibration['seq_len']} tokens of "
+        f"{calibration['source']}.",
+        f"- Every decision is in `{record.decisions}`; the full record of the run is `{RUN_RECORD}`.",
+        f"- Command: `{record.command}`",
         "",
         "## Measured",
         "",
@@ -164,7 +229,7 @@ def model_card(record: dict) -> str:
         "",
         *protocol_lines(record),
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in record.versions.items()) + ".",
         "",
     ]
     return "\n".join(lines)
@@ -179,3 +244,21 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """A digest of every tensor of ``model`` (names, dtypes, shapes and bytes): the same exactly when the
     weights are bit-identical."""
     return tensors_sha256(sorted(model.state_dict().items()))
+
+def write_report(folder: str | Path, record: RunRecord, decisions) -> list[str]:
+    """Into ``folder``, beside a saved checkpoint: the decisions (``flatten.compressor.Decisions``: a ``Plan``
+    or a ``Removal``, as ``record.decisions``), the figure of what they were based on, the model card and the run record. Returns
+    the names of the figures drawn (none without matplotlib)."""
+    folder, figures = Path(folder), []
+    decisions.save(folder / record.decisions)
+    similarity, spans = getattr(decisions, "similarity", None), getattr(decisions, "spans", None)
+    if similarity is not None and similarity_heatmap(similarity, spans or [], folder / "similarity.png",
+                                                     f"{record.base_model}: block-input similarity, flattened spans in red"):
+        figures.append("similarity.png")
+    cut = decisions.method.get("cut_distances")
+    if cut is not None and spans and cut_plot(cut, (spans[0][0] + 1, spans[0][1]), folder / "cut.png",
+                                              f"{record.base_model}: {record.what}"):
+        figures.append("cut.png")
+    (folder / "README.md").write_text(model_card(record))
+    record.save(folder)
+    return figures

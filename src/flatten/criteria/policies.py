@@ -14,6 +14,7 @@ policy returns one step and is asked again on the changed model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -187,7 +188,7 @@ class GreedyRecompute(GreedySimilarity):
 class FixedSpans(OneShot):
     """Flatten exactly the given spans of original blocks, e.g. ``[(20, 22), (25, 26)]`` (inclusive)."""
 
-    def __init__(self, spans):
+    def __init__(self, spans: Sequence[tuple[int, int]]):
         try:
             spans = sorted((int(a), int(c)) for a, c in spans)
         except (TypeError, ValueError):

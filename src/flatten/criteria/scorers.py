@@ -8,6 +8,7 @@ A new metric only overrides ``score_groups`` and/or ``score_channels`` (higher =
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -249,7 +250,7 @@ def get_scorer(scorer: str | ChannelScorer, **options) -> ChannelScorer:
 
 
 def _variant(**fixed):
-    return lambda **options: FlattenGPTScorer(**{**fixed, **options})
+    return functools.partial(FlattenGPTScorer, **fixed)
 
 
 register_scorer("flattengpt", _variant())
