@@ -44,6 +44,7 @@ def test_compress_writes_a_stock_checkpoint_with_its_report(tiny, tmp_path, caps
     assert (out / "cut.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "flatten_run.json").read_text())
     assert record["results"]["layers"] == [5, 3]
+    assert record["results"]["latency_ratios"][0]["decode"]["pairs"] == 1 and "not resolved" in printed  # 1 pair
     assert record["calibration"]["samples"] == 2 and len(record["calibration"]["sha256"]) == 64
     assert "3 decoder blocks" in (out / "README.md").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -207,3 +208,14 @@ def test_eval_zero_shot_through_lm_eval(tiny, tmp_path, capsys):
 def test_eval_refuses_unknown_tasks_before_loading(capsys):
     assert main(["eval", "no/such-model", "--tasks", "piqa,mmlu"]) == 2
     assert "unknown zero-shot tasks ['mmlu']; known: piqa" in capsys.readouterr().err
+
+
+def test_an_output_under_a_regular_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for command in (["compress", "no/such-model", "--out", str(tmp_path / "file" / "out")],
+                    ["compress", "no/such-model", "--out", str(tmp_path / "x"), "--gguf", str(tmp_path / "file" / "m.gguf")],
+                    ["export", "no/such-model", "--gguf", str(tmp_path / "file" / "m.gguf")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "is a file, not a folder" in err and "loading" not in err
+    assert (tmp_path / "file").read_text() == "mine"

@@ -7,6 +7,7 @@ Face folder or hub id, or a .gguf file; a compressed model saved by ``flatten co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -61,11 +62,12 @@ def _add_perplexity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-len", type=int, default=512, help="perplexity window length in tokens (default 512)")
 
 
-def _add_latency(parser: argparse.ArgumentParser, batches: str) -> None:
+def _add_latency(parser: argparse.ArgumentParser, batches: str, repeats: int = 3) -> None:
     parser.add_argument("--batch", default=batches, help=f"latency batch sizes, comma-separated (default {batches})")
     parser.add_argument("--prompt", type=int, default=128, help="latency prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs of each model, interleaved, median "
+                        f"reported (default {repeats})")
 
 
 def _add_plugin(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +99,8 @@ def _compress_parser(commands) -> None:
     _add_amount(compress)
     compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.add_argument("--gguf", default=None, metavar="FILE", help="also write the result as this GGUF file")
+    _add_gguf(compress)
     compress.add_argument("--method", "--strategy", dest="method", default="flattengpt", metavar="NAME[:KEY=VALUE...]",
                           help="the strategy and its options (listed below), e.g. sleb:search_samples=4 or "
                           "flattengpt:policy=greedy:ridge=3 (default flattengpt)")
@@ -113,8 +117,9 @@ def _compress_parser(commands) -> None:
     _add_device(compress)
     _add_perplexity(compress)
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
-    _add_latency(compress, "1")
-    compress.add_argument("--no-latency", action="store_true", help="skip the latency before and after")
+    _add_latency(compress, "1", repeats=9)
+    compress.add_argument("--no-latency", action="store_true", help="skip the latency before and after (the "
+                          "timing keeps a copy of the original model to run beside the result)")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(run=run_compress)
 
@@ -183,11 +188,30 @@ def _recover_parser(commands) -> None:
     recover.set_defaults(run=run_recover)
 
 
+def _add_gguf(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f16",
+                        help="GGUF tensor type (default f16; 1-D tensors stay f32)")
+    parser.add_argument("--tokenizer-from", default=None, metavar="FILE.gguf",
+                        help="copy the tokenizer from this GGUF file (default: the GGUF the model came from, where "
+                        "it came from one, else the folder's tokenizer.json)")
+
+
+def _export_parser(commands) -> None:
+    export = commands.add_parser("export", help="write a model as a GGUF file for llama.cpp",
+                                 description="Write MODEL (e.g. a folder saved by flatten compress) as a GGUF file "
+                                 "with its tokenizer, through the gguf package (llama.cpp's writer).")
+    export.add_argument("model", help="a checkpoint folder, an embedded model name or a .gguf file")
+    export.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_gguf(export)
+    export.set_defaults(run=run_export, dtype="float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatten", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_compress_parser, _plan_parser, _eval_parser, _bench_parser, _recover_parser):
+    for add in (_compress_parser, _plan_parser, _eval_parser, _bench_parser, _recover_parser, _export_parser):
         add(commands)
     reproduce = commands.add_parser("reproduce", help="re-run the command that made a saved model; check the weights",
                                     description="Read DIR/flatten_run.json, run the compression (or recovery) it "
@@ -326,6 +350,7 @@ def run_compress(args) -> None:
     from flatten.report import Results, RunRecord, command_line, versions, weights_sha256, write_report
 
     out = _fresh_output(Path(args.out) if args.out else _default_out(args.model), args.overwrite)
+    gguf = args.gguf and _fresh_output(Path(args.gguf), args.overwrite)
     method, batches, device = _method(args), _batches(args.batch), resolve_device(args.device)
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
@@ -335,12 +360,14 @@ def run_compress(args) -> None:
     compressor.blocks_to_remove(remove)  # validate before any expensive work
     layers, params = model.config.num_hidden_layers, count_parameters(model)
     texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
-    ppl_before, latency_before = _measure(args, model, device, texts, batches)
+    ppl_before = _perplexities(args, model, device, texts)
+    original = None if args.no_latency else copy.deepcopy(model)  # timed beside the result, runs interleaved
     with PeakMemory() as memory:
         start = time.perf_counter()
         model, decisions = compressor.compress(remove=remove)
         seconds = time.perf_counter() - start
-    ppl_after, latency_after = _measure(args, model, device, texts, batches)
+    ppl_after = _perplexities(args, model, device, texts)
+    latency, ratios = _latencies(args, model, original, device, batches)
     record = RunRecord(
         name=out.name, base_model=args.model, source_sha256=source_sha256, command=command_line(args.argv),
         argv=args.argv, cwd=os.getcwd(), versions=versions(), machine=machine(), calibration=calibration_about,
@@ -349,33 +376,68 @@ def run_compress(args) -> None:
         results=Results(layers=[layers, model.config.num_hidden_layers],
                         parameters=[params, decisions.method.get("parameters_effective", count_parameters(model))],
                         perplexity=[list(pair) for pair in zip(ppl_before, ppl_after)],
-                        latency=[list(pair) for pair in zip(latency_before, latency_after)],
+                        latency=latency, latency_ratios=ratios,
                         compression_seconds=seconds, peak_memory_gib=memory.peak_bytes / 2**30))
     figures = []
     save_checkpoint(model, out, tokenizer, overwrite=args.overwrite,
                     extras=lambda folder: figures.extend(write_report(folder, record, decisions)))
     _print_compressed(record, out, figures, decisions)
+    if gguf:
+        _export(model, gguf, args)
+
+
+def run_export(args) -> None:
+    gguf = _fresh_output(Path(args.gguf), args.overwrite)
+    model, _ = _load(args.model, args.dtype)
+    _export(model, gguf, args)
+
+
+def _export(model, gguf: Path, args) -> None:
+    from flatten.export import export_gguf, tokenizer_source
+
+    tokenizer = args.tokenizer_from or tokenizer_source(args.model)
+    export_gguf(model, gguf, outtype=args.outtype, tokenizer_from=tokenizer)
+    print(f"wrote {gguf}: {model.config.num_hidden_layers} blocks, {args.outtype}, tokenizer from {tokenizer}, "
+          f"{gguf.stat().st_size / 2**20:.1f} MiB")
 
 
 def _fresh_output(out: Path, overwrite: bool) -> Path:
+    """``out``, checked before any work: it may be written (replaced only with --overwrite)."""
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out DIR")
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or write elsewhere")
+    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"cannot write {out}: {blocking} is a file, not a folder")
     return out
 
 
-def _measure(args, model, device, texts, batches) -> tuple[list[dict], list[dict]]:
-    """Perplexity on each text and latency at each batch size (unless --no-eval / --no-latency)."""
+def _perplexities(args, model, device, texts) -> list[dict]:
     from flatten.evaluation import perplexity
-    from flatten.latency import measure_latency
 
     model.to(device)
-    ppl = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
-                      progress=not args.quiet).as_dict() for ids, about in texts]
-    latency = [] if args.no_latency else [
-        measure_latency(model, batch=b, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats).as_dict()
-        for b in batches]
+    found = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
+                        progress=not args.quiet).as_dict() for ids, about in texts]
     model.to("cpu")
-    return ppl, latency
+    return found
+
+
+def _latencies(args, model, original, device, batches) -> tuple[list[list[dict]], list[dict]]:
+    """``[before, after]`` latency per batch size and the after / before ratios with their spread, from runs of
+    the original and the result interleaved (none without ``original``)."""
+    from flatten.latency import latency_ratios
+
+    if original is None:
+        return [], []
+    pairs, ratios = [], []
+    model.to(device)
+    original.to(device)
+    for batch in batches:
+        after, before, prefill, decode = latency_ratios(model, original, batch=batch, prompt=args.prompt,
+                                                        new_tokens=args.new_tokens, repeats=args.repeats)
+        pairs.append([before.as_dict(), after.as_dict()])
+        ratios.append({"batch": batch, "prefill": prefill.as_dict(), "decode": decode.as_dict()})
+    model.to("cpu")
+    return pairs, ratios
 
 
 def _print_compressed(record, out: Path, figures: list[str], decisions) -> None:
