@@ -219,3 +219,18 @@ def test_an_output_under_a_regular_file_is_refused_before_the_model_loads(tmp_pa
         err = capsys.readouterr().err
         assert "is a file, not a folder" in err and "loading" not in err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--remove", "0"], "cannot remove 0 of 5 blocks"),
+    (["--remove", "5"], "cannot remove 5 of 5 blocks"),
+    (["--ratio", "1.5"], "--ratio must be a fraction"),
+    (["--scorer", "nonsense"], "unknown scorer 'nonsense'"),
+    (["--calib", "EMPTY"], "holds no text"),
+])
+def test_what_needs_no_weights_is_refused_before_they_load(tiny, tmp_path, capsys, extra, says):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
+    assert main(["compress", str(tiny[0]), "--calib", str(tiny[1]), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "loading" not in err

@@ -272,6 +272,23 @@ def _requested_removals(args, compressor) -> int | None:
     return max(1, round(fraction * layers))
 
 
+def _check_before_loading(args) -> None:
+    """What needs only numbers, a config or a text file is refused before the weights load."""
+    from flatten.data import CORPORA, MIXES, read_lines
+    from flatten.models import layer_count
+
+    if args.ratio is not None and not 0 < args.ratio < 1:
+        raise ValueError(f"--ratio must be a fraction of the parameters in (0, 1), got {args.ratio}")
+    if args.fraction is not None and not 0 < args.fraction < 1:
+        raise ValueError(f"--fraction must lie strictly between 0 and 1, got {args.fraction}")
+    count = layer_count(args.model) if args.remove is not None else None
+    if args.remove is not None and (args.remove < 1 or count is not None and args.remove > count - 1):
+        raise ValueError(f"cannot remove {args.remove} of {count if count is not None else 'its'} blocks: --remove "
+                         f"must be from 1 to {count - 1 if count is not None else 'one fewer than it has'}")
+    if args.calib is not None and args.calib not in MIXES and args.calib not in CORPORA and not args.calib.startswith("hf:"):
+        read_lines(args.calib)  # a missing or empty text file
+
+
 # the flags that set an option of --method: flag's dest -> option
 SHORTHANDS = {"scorer": "scorer", "policy": "policy", "spans": "policy.spans", "similarity": "similarity",
               "checkpoint": "checkpoint", "one_block_fallback": "one_block_fallback", "fit_to": "fit_to",
@@ -352,6 +369,7 @@ def run_compress(args) -> None:
     out = _fresh_output(Path(args.out) if args.out else _default_out(args.model), args.overwrite)
     gguf = args.gguf and _fresh_output(Path(args.gguf), args.overwrite)
     method, batches, device = _method(args), _batches(args.batch), resolve_device(args.device)
+    _check_before_loading(args)
     model, tokenizer = _load(args.model, args.dtype)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)
@@ -458,6 +476,7 @@ def run_plan(args) -> None:
     from flatten.report import similarity_heatmap
 
     device, method = resolve_device(args.device), _method(args)
+    _check_before_loading(args)
     model, tokenizer = _load(args.model, args.dtype)
     calibration, _ = _calibration(args, tokenizer)
     flattener = method.build(model, calibration, batch_size=args.batch_size, device=device)

@@ -66,6 +66,28 @@ def embedded_model_path(name: str = SMOLLM2) -> Path:
     raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 
 
+def layer_count(source: str | Path) -> int | None:
+    """The number of blocks of the model at ``source``, read from its config or GGUF header alone (no
+    weights); None where that would need the hub, or the config does not say."""
+    source = str(source)
+    if source in EMBEDDED_MODELS:
+        source = str(embedded_model_path(source))
+    path = Path(source)
+    if source.endswith(".gguf") and path.is_file():
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+        count = fields.get(f"{arch}.block_count")
+        return None if count is None else int(count.contents())
+    if (path / "config.json").is_file():
+        import json
+
+        config = json.loads((path / "config.json").read_text())
+        return config.get("num_hidden_layers") if isinstance(config, dict) else None
+    return None
+
+
 def make_serializable(model: nn.Module) -> nn.Module:
     """Forget that the weights came de-quantised from GGUF, so ``save_pretrained`` writes safetensors."""
     if getattr(model, "hf_quantizer", None) is not None and model.hf_quantizer.__class__.__name__.startswith("Gguf"):
