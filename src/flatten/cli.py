@@ -379,6 +379,10 @@ def run_compress(args) -> None:
     layers, params = model.config.num_hidden_layers, count_parameters(model)
     texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
     ppl_before = _perplexities(args, model, device, texts)
+    if args.dtype == "auto" and not args.no_latency:  # a model larger than memory: no second copy of it
+        args.no_latency = True
+        print("latency skipped with --dtype auto (it would keep a copy of the original in memory); time the result "
+              "against the original with: flatten bench OUT --against MODEL", file=sys.stderr)
     original = None if args.no_latency else copy.deepcopy(model)  # timed beside the result, runs interleaved
     with PeakMemory() as memory:
         start = time.perf_counter()
