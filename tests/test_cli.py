@@ -165,6 +165,7 @@ def test_bench_compares_two_models(tiny, tmp_path, capsys):
     assert code == 0 and "decode speed-up" in printed and "layer-count ratio" in printed
     rows = [line for line in printed.splitlines() if line.startswith(f"| {out} ") or line.startswith(f"| {tiny[0]} ")]
     assert len(rows) == 4  # two models, two batch sizes
+    assert "not resolved" in printed  # one pair of runs cannot tell
 
 
 def test_bench_bad_batch_list(tiny, capsys):

@@ -533,35 +533,35 @@ def run_eval(args) -> None:
 
 
 def run_bench(args) -> None:
-    from flatten.latency import compare_latency
+    from flatten.latency import compare_latency, latency_ratios
     from flatten.measure import machine
     from flatten.models import resolve_device
 
     device, batches = resolve_device(args.device), _batches(args.batch)
     names = [args.model] + ([args.against] if args.against else [])
     models = [_load(name, args.dtype)[0].to(device) for name in names]
-    rows = []
+    rows, speedups = [], args.against is not None
     for batch in batches:
-        results = compare_latency(models, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
-                                  repeats=args.repeats)
-        for name, model, r in zip(names, models, results):
-            rows.append((name, model.config.num_hidden_layers, batch, r.prefill_ms, r.decode_ms,
-                         results[-1].prefill_ms / r.prefill_ms, results[-1].decode_ms / r.decode_ms))
-    speedups = args.against is not None
+        timing = dict(batch=batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
+        if speedups:  # OTHER time / model time: the inverse of the paired model / OTHER ratios
+            mine, other, prefill, decode = latency_ratios(models[0], models[1], **timing)
+            rows += [(names[0], models[0], mine, f" {1 / prefill.median:.2f} | {1 / decode.median:.2f} |"
+                      f" {prefill} | {decode} |"), (names[1], models[1], other, " | | | |")]
+        else:
+            rows.append((names[0], models[0], compare_latency(models, **timing)[0], ""))
     print(f"\n| model | layers | batch | prefill ms ({args.prompt} tokens) | decode ms/token |"
-          + (" prefill speed-up | decode speed-up |" if speedups else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if speedups else ""))
-    for name, layers, batch, prefill, decode, prefill_x, decode_x in rows:
-        print(f"| {name} | {layers} | {batch} | {prefill:.1f} | {decode:.2f} |"
-              + (f" {prefill_x:.2f} | {decode_x:.2f} |" if speedups else ""))
+          + (" prefill speed-up | decode speed-up | prefill time ratio | decode time ratio |" if speedups else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|---|" if speedups else ""))
+    for name, model, r, extra in rows:
+        print(f"| {name} | {model.config.num_hidden_layers} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms:.2f} |{extra}")
     print(f"\nmedian of {args.repeats} runs after a warm-up, greedy decoding of {args.new_tokens} tokens with the KV "
-          f"cache, on {device}" + ("; runs of the two models interleaved; speed-up = OTHER time / model time" if speedups else ""))
+          f"cache, on {device}" + ("; runs of the two models interleaved; speed-up = OTHER time / model time; time "
+                                   "ratio = model / OTHER, the median of the paired ratios with an interval of it "
+                                   "(\"not resolved\" where it holds 1.0)" if speedups else ""))
     if speedups:
         print(f"layer-count ratio (speed-up if all time were spent in decoder blocks): "
               f"{models[-1].config.num_hidden_layers / models[0].config.num_hidden_layers:.2f}")
     print(f"machine: {machine()}")
-
-
 
 
 def run_recover(args) -> None:
