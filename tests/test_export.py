@@ -86,3 +86,23 @@ def test_compressed_smollm2_exports_and_loads_back_with_its_tokenizer(tmp_path, 
     assert main(["export", str(out), "--gguf", str(path), "--outtype", "q8_0"]) == 2  # exists: not replaced
     assert "already exists" in capsys.readouterr().err
     assert np.isfinite(gguf.GGUFReader(path).tensors[0].data).all()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_exported_compressed_smollm2(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional; builds llama.cpp from source)")
+    from flatten import Flattener, calibration_tokens, load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    model, _ = Flattener(model, calibration_tokens(tokenizer, samples=4, seq_len=64), progress=False).compress(remove=2)
+    path = export_gguf(model, tmp_path / "smol.gguf", outtype="f32", tokenizer_from=embedded_model_path())
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    text = "The capital of France is Paris, and the capital of Italy is"
+    ids = tokenizer(text)["input_ids"]
+    assert llm.metadata["llama.block_count"] == "28" and llm.tokenize(text.encode(), add_bos=False) == ids
+    llm.eval(ids)
+    got = torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
