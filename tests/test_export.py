@@ -85,6 +85,8 @@ def test_compressed_smollm2_exports_and_loads_back_with_its_tokenizer(tmp_path, 
     assert json.loads((out / "flatten_run.json").read_text())["results"]["layers"] == [30, 28]
     assert main(["export", str(out), "--gguf", str(path), "--outtype", "q8_0"]) == 2  # exists: not replaced
     assert "already exists" in capsys.readouterr().err
+    written = path.stat().st_mtime_ns
+    assert main(["reproduce", str(out)]) == 0 and path.stat().st_mtime_ns == written  # re-run beside, not over it
     assert np.isfinite(gguf.GGUFReader(path).tensors[0].data).all()
 
 

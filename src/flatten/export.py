@@ -139,7 +139,10 @@ def export_gguf(model: nn.Module, path: str | Path, *, outtype: str = "f16", tok
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         _hyperparameters(writer, model, outtype)
-        _tokenizer_from_gguf(writer, source) if source.is_file() else _tokenizer_from_folder(writer, source)
+        if source.is_file():
+            _tokenizer_from_gguf(writer, source)
+        else:
+            _tokenizer_from_folder(writer, source)
         for name, data, raw_dtype in _tensors(model, arch, outtype):
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()

@@ -45,7 +45,8 @@ def reproduce(folder: str | Path, run: Callable[[list[str]], int]) -> Reproducti
     with tempfile.TemporaryDirectory(prefix="flatten-reproduce-") as scratch:
         again = Path(scratch) / "again"
         quiet = ["--out", str(again), "--overwrite", "--no-eval", "--quiet"] + \
-            (["--no-latency"] if argv[0] == "compress" else [])
+            (["--no-latency"] if argv[0] == "compress" else []) + \
+            (["--gguf", str(Path(scratch) / "again.gguf")] if "--gguf" in argv else [])  # the user's file stays
         here = os.getcwd()
         try:
             os.chdir(cwd)
