@@ -88,11 +88,14 @@ def main() -> None:
     load_plugins(args.plugin)
     methods = []
     for text in args.methods.split(","):
-        method = Method.parse(text)  # unknown names and options fail before anything is loaded
-        samples = int(method.options.pop("calibration", args.samples))
+        try:  # unknown names and options fail before anything is loaded
+            method = Method.parse(text)
+            samples = int(method.options.pop("calibration", args.samples))
+            method.arguments()
+        except ValueError as error:
+            raise SystemExit(f"--methods {text}: {error}") from None
         if not 1 <= samples <= args.samples:
             raise SystemExit(f"calibration={samples} must lie in 1..--samples ({args.samples})")
-        method.arguments()
         methods.append((method, samples, text.replace(":", " ")))
     removals = [int(k) for k in args.remove.split(",")]
     sources, evaluations = args.calib.split(","), tuple(args.eval.split(","))
