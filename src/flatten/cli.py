@@ -459,6 +459,7 @@ def _latencies(args, model, original, device, batches) -> tuple[list[list[dict]]
         pairs.append([before.as_dict(), after.as_dict()])
         ratios.append({"batch": batch, "prefill": prefill.as_dict(), "decode": decode.as_dict()})
     model.to("cpu")
+    original.to("cpu")
     return pairs, ratios
 
 

@@ -77,6 +77,8 @@ class Compressor:
 
     def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
         """The number of blocks that ``compress(remove=, ratio=)`` would remove; raises if it is out of range."""
+        if remove is None and ratio is None and self.default_removals() is not None:
+            return self.default_removals()
         if (remove is None) == (ratio is None):
             raise ValueError("give exactly one of remove (blocks) or ratio (fraction of parameters)")
         count = len(self.arch.layers_of(self.model))

@@ -132,14 +132,10 @@ class Flattener(Compressor):
         return self.policy.removes if isinstance(self.policy, FixedSpans) else None
 
     def blocks_to_remove(self, remove: int | None = None, ratio: float | None = None) -> int:
-        if isinstance(self.policy, FixedSpans):
-            if remove is None and ratio is None:
-                return self.policy.removes
-            k = super().blocks_to_remove(remove, ratio)
-            if k != self.policy.removes:
-                raise ValueError(f"the fixed spans {self.policy.spans} remove {self.policy.removes} blocks, not {k}")
-            return k
-        return super().blocks_to_remove(remove, ratio)
+        k = super().blocks_to_remove(remove, ratio)
+        if isinstance(self.policy, FixedSpans) and k != self.policy.removes:
+            raise ValueError(f"the fixed spans {self.policy.spans} remove {self.policy.removes} blocks, not {k}")
+        return k
 
     def similarity_matrix(self) -> Tensor:
         """Block-input similarity of the model as it is now (L x L)."""

@@ -90,7 +90,10 @@ class Ratio:
         """From paired ratios: the widest order-statistic interval of the median with coverage of at least
         95 % (the full range where too few pairs give that; its coverage is then less)."""
         n, ordered = len(ratios), sorted(ratios)
-        below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2**n  # P(Binomial(n, 1/2) < k)  # noqa: E731
+
+        def below(k: int) -> float:  # P(Binomial(n, 1/2) < k)
+            return sum(math.comb(n, i) for i in range(k)) / 2**n
+
         k = max([k for k in range(1, n // 2 + 1) if 1 - 2 * below(k) >= 0.95] or [1])
         return cls(statistics.median(ratios), ordered[k - 1], ordered[n - k], 1 - 2 * below(k), n)
 

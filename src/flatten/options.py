@@ -117,9 +117,10 @@ def options_of(factory: Callable) -> dict[str, Option]:
             if name not in HARNESS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Method:
-    """A strategy name and its options as text, parsed from ``name:key=value:key=value``."""
+    """A strategy name and its options as text, parsed from ``name:key=value:key=value`` (callers may add
+    options before building, as the command line's shorthand flags do)."""
 
     name: str
     options: dict[str, str]
