@@ -9,6 +9,12 @@ the size of the model, and checks that the capped run writes exactly the weights
 
     python benchmarks/offload.py                       # SmolLM2-135M's shape at 120 blocks (1.7 GiB), cap 1.25 GiB
     python benchmarks/offload.py --layers 60 --cap-mib 700 --append benchmarks/RESULTS.md
+    python benchmarks/offload.py --device-map-mib 256  # capped run dispatched by accelerate instead: blocks
+                                                       # beyond 256 MiB of CPU memory offloaded to disk
+
+With ``--device-map-mib``, the capped run loads the model with ``device_map="auto"`` and that much CPU memory
+(``max_memory``), as a user with a model larger than their GPUs and memory would; it is compared with the
+uncapped memory-mapped run.
 
 The model is SmolLM2-135M's architecture made deeper, with random weights (this machine has no model larger
 than its memory; memory and time do not depend on the weights' values), built once into ``out/offload/``.
@@ -52,7 +58,8 @@ def build(folder: Path, layers: int) -> None:
     save_checkpoint(AutoModelForCausalLM.from_config(config, dtype=torch.float32), folder, tokenizer, overwrite=True)
 
 
-def child(folder: str, out: str, remove: int, samples: int, seq_len: int, mapped_allocations: bool) -> None:
+def child(folder: str, out: str, remove: int, samples: int, seq_len: int, mapped_allocations: bool,
+          device_map_mib: int | None) -> None:
     """Load, compress and save; print one JSON line with peak anonymous memory and timings."""
     from flatten import Flattener, load_model, save_checkpoint
     from flatten.measure import file_backed_fraction
@@ -70,7 +77,12 @@ def child(folder: str, out: str, remove: int, samples: int, seq_len: int, mapped
 
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
-    model, _ = load_model(folder, dtype="auto")
+    if device_map_mib is None:
+        model, _ = load_model(folder, dtype="auto")
+    else:
+        model, _ = load_model(folder, dtype="auto", device_map="auto", max_memory={"cpu": f"{device_map_mib}MiB"},
+                              offload_folder=Path(out).parent / "offload-folder")
+    on_disk = sum(v == "disk" for k, v in getattr(model, "hf_device_map", {}).items() if k.startswith("model.layers."))
     mapped = file_backed_fraction(model)
     calibration = torch.randint(model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     loaded = time.perf_counter()
@@ -78,7 +90,8 @@ def child(folder: str, out: str, remove: int, samples: int, seq_len: int, mapped
     compressed = time.perf_counter()
     save_checkpoint(model, out, overwrite=True)
     running = False
-    print(json.dumps({"peak_anon": max(peak[0], rss_anon_bytes()), "mapped": mapped, "load_s": loaded - start,
+    print(json.dumps({"peak_anon": max(peak[0], rss_anon_bytes()), "mapped": mapped, "on_disk": on_disk,
+                      "load_s": loaded - start,
                       "compress_s": compressed - loaded, "save_s": time.perf_counter() - compressed,
                       "spans": [m.span for m in plan.merges]}))
 
@@ -99,13 +112,15 @@ def memory_cgroup(name: str, cap: int) -> tuple[Path, Path]:
     return folder, folder / "memory.max_usage_in_bytes"
 
 
-def run(args, folder: Path, out: Path, cgroup: Path | None = None, mapped_allocations: bool = True) -> dict:
+def run(args, folder: Path, out: Path, cgroup: Path | None = None, mapped_allocations: bool = True,
+        device_map_mib: int | None = None) -> dict:
     def join():
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     command = [sys.executable, __file__, "--child", str(folder), str(out), "--remove", str(args.remove),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     command += ["--mapped-allocations"] if mapped_allocations else []
+    command += ["--device-map-mib", str(device_map_mib)] if device_map_mib else []
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=join if cgroup else None,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if done.returncode != 0:
@@ -122,12 +137,14 @@ def main() -> None:
     parser.add_argument("--cap-mib", type=int, default=1280, help="memory cap of the capped run (MiB)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device-map-mib", type=int, default=None, metavar="MIB",
+                        help="make the capped run one dispatched by accelerate with this much CPU memory (see above)")
     parser.add_argument("--append", default=None, help="append the markdown section to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--mapped-allocations", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(*args.child, args.remove, args.samples, args.seq_len, args.mapped_allocations)
+        return child(*args.child, args.remove, args.samples, args.seq_len, args.mapped_allocations, args.device_map_mib)
 
     sys.path.insert(0, str(ROOT / "src"))
     from flatten.files import tensors_sha256
@@ -156,12 +173,18 @@ def main() -> None:
                 named += [(k, f.get_tensor(k)) for k in sorted(f.keys())]
         return tensors_sha256(named)
 
-    runs = {"uncapped, glibc's default allocation": run(args, folder, base / "default", mapped_allocations=False),
-            "uncapped, `map_large_allocations()`": run(args, folder, base / "uncapped"),
-            f"capped at {args.cap_mib} MiB, `map_large_allocations()`": run(args, folder, base / "capped", cgroup)}
+    if args.device_map_mib:
+        runs = {"uncapped, `map_large_allocations()`": run(args, folder, base / "uncapped"),
+                f"capped at {args.cap_mib} MiB, `device_map=\"auto\"` with {args.device_map_mib} MiB of CPU memory, "
+                "the rest offloaded to disk": run(args, folder, base / "capped", cgroup, device_map_mib=args.device_map_mib)}
+        outputs = ("uncapped", "capped")
+    else:
+        runs = {"uncapped, glibc's default allocation": run(args, folder, base / "default", mapped_allocations=False),
+                "uncapped, `map_large_allocations()`": run(args, folder, base / "uncapped"),
+                f"capped at {args.cap_mib} MiB, `map_large_allocations()`": run(args, folder, base / "capped", cgroup)}
+        outputs = ("default", "uncapped", "capped")
     cgroup_peak = int(peak_file.read_text())
-    same = (all("failed" not in r for r in runs.values())
-            and len({digest(base / name) for name in ("default", "uncapped", "capped")}) == 1)
+    same = all("failed" not in r for r in runs.values()) and len({digest(base / name) for name in outputs}) == 1
 
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     lines = [f"### Compressing a model larger than the process's memory ({date.today()})", "",
@@ -171,17 +194,17 @@ def main() -> None:
              f"{args.seq_len} random token ids, batches of 1. Capped run: a memory cgroup of {args.cap_mib} MiB "
              "(anonymous memory and page cache together, no swap). Peak anonymous memory: RssAnon sampled every "
              "20 ms; the weights' file pages are not in it.", "",
-             "| run | result | weights memory-mapped after loading | peak anonymous memory MiB | cgroup peak MiB "
-             "| load s | compress s | save s |", "|---|---|---|---|---|---|---|---|"]
+             "| run | result | weights memory-mapped after loading | blocks on disk (device map) | peak anonymous memory "
+             "MiB | cgroup peak MiB | load s | compress s | save s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         peak = mib(cgroup_peak) if name.startswith("capped") else "-"
         if "failed" in r:
-            lines.append(f"| {name} | {r['failed']} | | | {peak} | | | |")
+            lines.append(f"| {name} | {r['failed']} | | | | {peak} | | | |")
             print(r["stderr"], file=sys.stderr)
         else:
-            lines.append(f"| {name} | ok | {r['mapped']:.1%} | {mib(r['peak_anon'])} | {peak} | {r['load_s']:.1f} "
+            lines.append(f"| {name} | ok | {r['mapped']:.1%} | {r['on_disk']} | {mib(r['peak_anon'])} | {peak} | {r['load_s']:.1f} "
                          f"| {r['compress_s']:.1f} | {r['save_s']:.1f} |")
-    lines += ["", f"The three runs wrote bit-identical weights: {'yes' if same else 'NO'}."]
+    lines += ["", f"The {len(runs)} runs wrote bit-identical weights: {'yes' if same else 'NO'}."]
     publish(lines, args.append)
     if not same:
         sys.exit(1)

@@ -77,3 +77,22 @@ def test_a_compressed_model_generates_with_its_kv_cache_on_cuda():
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("strategy", ["flattengpt", "replaceme", "sleb"])
+def test_a_model_dispatched_over_the_gpu_and_cpu_memory_gives_the_cpu_result(tmp_path, strategy):
+    """Blocks 0-2 on the GPU, 3-5 offloaded to CPU memory by accelerate (meta weights behind hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    from flatten import save_checkpoint
+
+    tiny_model(_spec("qwen2")).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+                  **{f"model.layers.{i}": 0 if i < 3 else "cpu" for i in range(6)}}
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map, dtype=torch.float64)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64)
+    on_cpu, cpu_record = get_strategy(strategy)(plain, CALIBRATION, progress=False).compress(remove=2)
+    on_gpu, gpu_record = get_strategy(strategy)(dispatched, CALIBRATION, progress=False).compress(remove=2)
+    assert _removed(cpu_record) == _removed(gpu_record)
+    save_checkpoint(on_gpu, tmp_path / "out")
+    _assert_same_model(on_cpu, AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64))

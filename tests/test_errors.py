@@ -134,9 +134,10 @@ def test_blocks_that_are_not_pre_norm_or_heads_that_do_not_split_into_groups(mod
         Flattener(model, calibration)
 
 
-def test_weights_on_the_meta_device_are_refused(model):
+def test_weights_on_the_meta_device_without_a_hook_are_refused(model):
     from flatten import Flattener
 
-    model.model.layers[1].to("meta")  # what accelerate's offload leaves in the module
-    with pytest.raises(ValueError, match="weights on the 'meta' device .* load_model\\(folder, dtype='auto'\\)"):
+    model.model.layers[1].to("meta")  # what accelerate's offload leaves in a module, here without its hook
+    with pytest.raises(ValueError, match="layers.1.self_attn.q_proj.weight is on the 'meta' device and no accelerate "
+                                         "hook holds its value: load the model with a device_map.*dtype='auto'"):
         Flattener(model, torch.zeros(2, 8, dtype=torch.long))

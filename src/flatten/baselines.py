@@ -23,8 +23,9 @@ from flatten.calibration import on_device, run_block
 from flatten.checks import check_int
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
+from flatten.dispatch import device_of, make_resident, place_like, resident_copy, weights_of
 from flatten.files import write_atomically
-from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
+from flatten.merge import remove_blocks, renumber_layers, replace_span, select_block, swapped_blocks
 from flatten.models import count_parameters
 from flatten.recipe import choose_channels
 
@@ -176,7 +177,7 @@ class LaCo(Baseline):
     @torch.no_grad()
     def _last_hidden(self) -> list[Tensor]:
         base = self.model.get_submodule(self.arch.layers.rsplit(".", 1)[0])
-        device = next(base.parameters()).device
+        device = device_of(base)
         return [base(input_ids=ids.to(device), use_cache=False).last_hidden_state.float() for ids in self.search_batches]
 
     def _similarity(self, reference: list[Tensor]) -> float:
@@ -187,13 +188,11 @@ class LaCo(Baseline):
     @staticmethod
     def collapsed_block(blocks: list[nn.Module]) -> nn.Module:
         """A copy of ``blocks[0]`` with ``theta_0 + sum_k (theta_k - theta_0)`` as parameters."""
-        import copy
-
-        merged = copy.deepcopy(blocks[0])
-        base = blocks[0].state_dict()
+        merged = resident_copy(blocks[0])
+        base = weights_of(blocks[0])
         state = {name: tensor.clone() for name, tensor in base.items()}
         for block in blocks[1:]:
-            for name, tensor in block.state_dict().items():
+            for name, tensor in weights_of(block).items():
                 state[name] += tensor - base[name]
         merged.load_state_dict(state)
         return merged
@@ -286,7 +285,7 @@ class BlockPruner(Baseline):
                 removed_parameters += size[best[1]]
                 bar.update(size[best[1]])
         for (i, kind), module in skipped.items():  # put back, with zero output weights: a stock checkpoint
-            layers[i].set_submodule(self._sublayer(kind), module)
+            layers[i].set_submodule(self._sublayer(kind), make_resident(module))
             output = layers[i].get_submodule(self.arch.o_proj if kind == "attention" else self.arch.down_proj)
             with torch.no_grad():
                 output.weight.zero_()
@@ -357,17 +356,18 @@ class PruneOnly(Baseline):
         inputs = self._capture()
         hidden = inputs.hidden
         for i in tqdm(range(len(layers)), desc="prune-only", unit="block", disable=not self.progress):
-            calls, home = inputs.calls[i], next(layers[i].parameters()).device
-            with on_device(layers[i], self.device) as block:
+            calls, home = inputs.calls[i], device_of(layers[i])
+            with on_device(make_resident(layers[i]), self.device) as block:  # read as tensors; replaced next
                 targets = run_block(block, hidden, calls, f"block {i}") if self.scorer.needs_target else None
                 channels = choose_channels(block, self.arch, config, self.scorer, hidden, calls, targets, width)
                 del targets
                 narrow = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep,
                                       down_proj=channels.weight)
-            layers[i] = narrow.to(home)
+            layers[i] = place_like(narrow.to(home), layers[i])
             if i + 1 < len(layers):
                 hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
+        renumber_layers(self.model, self.arch)  # a dispatched model's device map names the new blocks
         return self.model, self._record(start, mlp_width=(shape.intermediate_size, width))
 
 
@@ -442,7 +442,7 @@ class ReplaceMe(_ContiguousCut):
         distances = self.cut_distances(k)
         first = 1 + int(distances[1:].argmin())
         transform = self.transform(first, k)
-        down = self.arch.layers_of(self.model)[first - 1].get_submodule(self.arch.down_proj)
+        down = make_resident(self.arch.layers_of(self.model)[first - 1]).get_submodule(self.arch.down_proj)
         with torch.no_grad():
             down.weight.copy_((transform.T @ down.weight.double()).to(down.weight.dtype))
             if down.bias is not None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flatten.architectures import Architecture, BlockShape
+from flatten.dispatch import computing_on, device_of, is_dispatched
 
 
 def check_calibration(model: nn.Module, calibration: Tensor) -> None:
@@ -101,8 +102,13 @@ def _to(obj, device, moved: dict):
 
 @contextmanager
 def on_device(module: nn.Module, device: torch.device):
-    """Keep ``module`` on ``device`` for the duration, then move it back where it was."""
-    home = _device_of(module)
+    """Keep ``module`` on ``device`` for the duration, then move it back where it was (a module dispatched by
+    accelerate computes there through its hooks)."""
+    if is_dispatched(module):
+        with computing_on(module, device):
+            yield module
+        return
+    home = device_of(module)
     module.to(device)
     try:
         yield module
@@ -120,17 +126,13 @@ def capture(model: nn.Module, arch: Architecture, batches: list[Tensor]) -> Laye
     try:
         for i in range(len(originals)):
             layers[i] = _Catcher(records[i], keep_hidden=i == 0)
-        device = _device_of(base)
+        device = device_of(base)
         for ids in batches:
             base(input_ids=ids.to(device), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
     return LayerInputs([h for h, _, _ in records[0]], [[(a, k) for _, a, k in r] for r in records])
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _output(out) -> Tensor:

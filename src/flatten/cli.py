@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +32,29 @@ def _add_model(parser: argparse.ArgumentParser, name: str = "model") -> None:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="where to compute: auto (CUDA if present), cpu, cuda, cuda:N")
+
+
+def _add_dispatch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="load the model dispatched by accelerate: auto, balanced, sequential (layers spread over "
+                        "the GPUs, the rest in CPU memory, then on disk); blocks are brought in as they are used")
+    parser.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                        help="with --device-map: the memory each device may hold, e.g. 0=70GiB,1=70GiB,cpu=100GiB")
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="with --device-map: where the weights that fit nowhere else are kept")
+
+
+def _max_memory(text: str | None) -> dict | None:
+    """``--max-memory`` as accelerate takes it: ``{0: "70GiB", "cpu": "100GiB"}``."""
+    if text is None:
+        return None
+    memory = {}
+    for item in text.split(","):
+        device, _, size = item.partition("=")
+        if not device.strip() or not size.strip():
+            raise ValueError(f"--max-memory takes DEVICE=SIZE,... (e.g. 0=70GiB,cpu=100GiB), got {text!r}")
+        memory[int(device) if device.strip().isdigit() else device.strip()] = size.strip()
+    return memory
 
 
 def _add_amount(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +139,7 @@ def _compress_parser(commands) -> None:
     _add_selection(compress)
     _add_calibration(compress)
     _add_device(compress)
+    _add_dispatch(compress)
     _add_perplexity(compress)
     compress.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     _add_latency(compress, "1", repeats=9)
@@ -250,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
 # --- pieces shared by the subcommands ---------------------------------------------------------------------
 
 
-def _load(source: str, dtype: str):
+def _load(source: str, dtype: str, args=None):
     from flatten.models import load_model
 
     print(f"loading {source} ...", file=sys.stderr)
-    return load_model(source, dtype=DTYPES[dtype])
+    dispatch = {} if getattr(args, "device_map", None) is None else {
+        "device_map": args.device_map, "max_memory": _max_memory(args.max_memory), "offload_folder": args.offload_folder}
+    model, tokenizer = load_model(source, dtype=DTYPES[dtype], **dispatch)
+    if dispatch:
+        from flatten.architectures import architecture_for
+
+        blocks = f"{architecture_for(model).layers}."
+        places = Counter(str(v) for k, v in model.hf_device_map.items() if k.startswith(blocks))
+        print("device map: blocks " + ", ".join(f"{n} on {place}" for place, n in places.items()), file=sys.stderr)
+    return model, tokenizer
 
 
 def _requested_removals(args, compressor) -> int | None:
@@ -370,7 +404,7 @@ def run_compress(args) -> None:
     gguf = args.gguf and _fresh_output(Path(args.gguf), args.overwrite)
     method, batches, device = _method(args), _batches(args.batch), resolve_device(args.device)
     _check_before_loading(args)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = _load(args.model, args.dtype, args)
     source_sha256 = weights_sha256(model)
     calibration, calibration_about = _calibration(args, tokenizer)
     compressor = method.build(model, calibration, batch_size=args.batch_size, device=device, progress=not args.quiet)
@@ -379,10 +413,11 @@ def run_compress(args) -> None:
     layers, params = model.config.num_hidden_layers, count_parameters(model)
     texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
     ppl_before = _perplexities(args, model, device, texts)
-    if args.dtype == "auto" and not args.no_latency:  # a model larger than memory: no second copy of it
+    if (args.dtype == "auto" or args.device_map) and not args.no_latency:  # maybe larger than memory: no second copy
         args.no_latency = True
-        print("latency skipped with --dtype auto (it would keep a copy of the original in memory); time the result "
-              "against the original with: flatten bench OUT --against MODEL", file=sys.stderr)
+        print(f"latency skipped with {'--dtype auto' if args.dtype == 'auto' else '--device-map'} (it would keep a "
+              "copy of the original in memory); time the result against the original with: flatten bench OUT "
+              "--against MODEL", file=sys.stderr)
     original = None if args.no_latency else copy.deepcopy(model)  # timed beside the result, runs interleaved
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -436,10 +471,15 @@ def _fresh_output(out: Path, overwrite: bool) -> Path:
 def _perplexities(args, model, device, texts) -> list[dict]:
     from flatten.evaluation import perplexity
 
-    model.to(device)
+    from flatten.dispatch import is_dispatched
+
+    placed = is_dispatched(model)  # accelerate's hooks put its parts where they compute
+    if not placed:
+        model.to(device)
     found = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
                         progress=not args.quiet).as_dict() for ids, about in texts]
-    model.to("cpu")
+    if not placed:
+        model.to("cpu")
     return found
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from flatten.architectures import architecture_for
 from flatten.calibration import LayerInputs, capture, check_calibration, on_device, run_block
 from flatten.checks import check_int
+from flatten.dispatch import check_offloaded, device_of
 from flatten.evaluation import mean_nll
 from flatten.merge import swapped_blocks
 from flatten.models import count_parameters, resolve_device
@@ -52,16 +53,13 @@ class Compressor:
         self.arch.shape_of(model.config)  # the heads split evenly into KV groups
         for block in self.arch.layers_of(model):
             self.arch.check_block(block)  # pre-norm blocks with the parts the architecture names
-        if any(p.device.type == "meta" for p in model.parameters()):
-            raise ValueError("the model has weights on the 'meta' device (offloaded by accelerate's device_map?), "
-                             "which are not supported; for a model larger than memory, load a safetensors folder "
-                             "with load_model(folder, dtype='auto'): its weights stay on disk, memory-mapped")
+        check_offloaded(model)
         check_calibration(model, calibration)
         check_int("batch_size", batch_size)
         self.calibration, self.batch_size = calibration, batch_size
         self.batches = list(calibration.split(batch_size))
         self.progress = progress
-        self.device = resolve_device(device) if device is not None else next(model.parameters()).device
+        self.device = resolve_device(device) if device is not None else device_of(model)
 
     def blocks_for_ratio(self, ratio: float) -> int:
         """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from flatten.dispatch import device_of
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -40,7 +42,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = 512,
         windows = min(windows, max_windows)
     if windows < 1:
         raise ValueError(f"{token_ids.numel()} tokens do not fill one window of {seq_len}")
-    device = next(model.parameters()).device
+    device = device_of(model)
     ids = token_ids[: windows * seq_len].view(windows, seq_len)
     total = 0.0
     for start in tqdm(range(0, windows, batch_size), desc="perplexity", unit="batch", disable=not progress):
@@ -54,7 +56,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seq_len: int = 512,
 @torch.no_grad()
 def mean_nll(model: nn.Module, batches: list[torch.Tensor]) -> float:
     """Mean next-token negative log-likelihood of ``model`` over batches of token ids (rows scored alone)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     total, count = 0.0, 0
     for ids in batches:
         ids = ids.to(device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flatten.architectures import architecture_for
+from flatten.dispatch import load_offloaded
 from flatten.files import write_atomically
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -56,7 +57,8 @@ def _tensors(model: nn.Module, arch, outtype: str):
         found = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"no GGUF name for the tensor {name!r} of a {config.model_type} model")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
+        tensor = load_offloaded(model, name) if tensor.is_meta else tensor.detach()
+        data = tensor.to(torch.float32).cpu().numpy()
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = _rotary_rows(data, heads if "q_proj" in name else kv_heads)
         if outtype == "f32" or data.ndim == 1:

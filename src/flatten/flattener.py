@@ -18,6 +18,7 @@ from flatten.criteria.policies import (SIMILARITIES, FixedSpans, LossSearch, Pai
                                       pair_of)
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.data import token_sha256
+from flatten.dispatch import device_of
 from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
@@ -343,7 +344,7 @@ class Flattener(Compressor):
     def _fallback(self, pair: BlockPair, block: nn.Module, merge: Merge, hidden: list[Tensor], calls: list,
                   first: list[Tensor] | None, targets: list[Tensor] | None, weights: list[Tensor] | None):
         """The best of the merged block and the two blocks that keep one of the pair whole (the fallback)."""
-        position, home = pair.index, next(pair.first.parameters()).device
+        position, home = pair.index, device_of(pair.first)
         if self.one_block_fallback == "loss":  # the model's loss with each candidate in place of the pair
             key, errors = "loss", {
                 name: self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])

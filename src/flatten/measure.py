@@ -76,8 +76,9 @@ class Stopwatch:
 
 
 def file_backed_fraction(model: nn.Module) -> float | None:
-    """The share of ``model``'s parameter and buffer bytes that lie in memory-mapped files (weights the
-    kernel pages in from disk on use, rather than held in memory); None where ``/proc/self/maps`` is missing."""
+    """The share of ``model``'s parameter and buffer bytes in memory that lie in memory-mapped files (weights
+    the kernel pages in from disk on use, rather than held in memory; tensors offloaded to the meta device are
+    not counted); None where ``/proc/self/maps`` is missing."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
@@ -91,6 +92,8 @@ def file_backed_fraction(model: nn.Module) -> float | None:
             mapped.append((start, end))
     storages = {}
     for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_meta:  # offloaded by accelerate: held by no one in this process until used
+            continue
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     total = sum(storages.values())

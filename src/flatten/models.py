@@ -98,12 +98,15 @@ def make_serializable(model: nn.Module) -> nn.Module:
 
 
 def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None):
     """``(model, tokenizer)`` from an embedded model name, a folder or hub id, or a ``.gguf`` file.
 
     GGUF weights are de-quantised to ``dtype``; the model then saves as an ordinary checkpoint.
     ``dtype="auto"`` keeps a checkpoint's stored dtype: a folder of safetensors then stays on disk,
     memory-mapped, and its blocks page in when used (a model larger than memory can be compressed).
+    ``device_map`` (with ``max_memory`` and ``offload_folder``) has accelerate dispatch the model instead of
+    putting it on ``device``: blocks over several GPUs, or offloaded to CPU memory or disk behind hooks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,13 +116,14 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype | str = torch
     source = str(source)
     if source in EMBEDDED_MODELS:
         source = str(embedded_model_path(source))
-    kwargs = {}
+    kwargs = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
+                                            "offload_folder": None if offload_folder is None else str(offload_folder)}
     where = source
     if source.endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
-        where, kwargs = str(path.parent), {"gguf_file": path.name}
+        where, kwargs = str(path.parent), {**kwargs, "gguf_file": path.name}
     elif not Path(source).exists() and (Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"no model folder at {source} (a hub id looks like 'namespace/name')")
     try:
@@ -128,7 +132,7 @@ def load_model(source: str | Path = SMOLLM2, *, dtype: torch.dtype | str = torch
     except Exception as error:  # transformers and safetensors raise many kinds for a missing or damaged model
         raise ValueError(f"cannot load a model and tokenizer from {source}: {type(error).__name__}: {error}") from error
     make_serializable(model)
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> bool:

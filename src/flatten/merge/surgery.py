@@ -7,15 +7,19 @@ from contextlib import contextmanager
 from torch import nn
 
 from flatten.architectures import Architecture, architecture_for
+from flatten.dispatch import place_like, refresh_device_map
 
 
 def renumber_layers(model: nn.Module, arch: Architecture | None = None) -> None:
-    """Set every ``layer_idx`` (the KV cache is indexed by it) to the block's position."""
+    """Set every ``layer_idx`` (the KV cache is indexed by it) to the block's position, and the blocks'
+    entries of a dispatched model's ``hf_device_map``."""
     arch = arch or architecture_for(model)
-    for position, block in enumerate(arch.layers_of(model)):
+    layers = arch.layers_of(model)
+    for position, block in enumerate(layers):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
+    refresh_device_map(model, arch.layers, layers)
 
 
 def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
@@ -38,7 +42,7 @@ def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
         raise TypeError(f"block is a {type(block).__name__}, the model's blocks are {type(layers[start]).__name__}")
 
     remove_blocks(model, range(start + 1, stop), arch)
-    layers[start] = block
+    layers[start] = place_like(block, layers[start])
     renumber_layers(model, arch)
     return model
 
