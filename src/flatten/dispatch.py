@@ -144,9 +144,10 @@ def _placement(block: nn.Module) -> str | int:
     for key, tensor in _tensors(block, recurse=True):
         if tensor.is_meta:
             hook, name = _holder(block, key)
-            loader = getattr(hook.weights_map, "dataset", hook.weights_map)
-            in_memory = getattr(hook.weights_map, "prefix", "") + name in getattr(loader, "state_dict", {})
-            return "cpu" if in_memory else "disk"
+            loader = getattr(hook.weights_map, "dataset", hook.weights_map)  # accelerate's OffloadedWeightsLoader
+            stored = getattr(hook.weights_map, "prefix", "") + name
+            on_disk = stored in getattr(loader, "index", {}) and stored not in getattr(loader, "state_dict", {})
+            return "disk" if on_disk else "cpu"
     device = device_of(block)
     return device.index if device.type == "cuda" else device.type
 
