@@ -99,6 +99,17 @@ def test_compress_command_offloads_what_does_not_fit(tiny, tmp_path, capsys):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "cpu=1GiB"], "--max-memory and --offload-folder go with --device-map"),
+    (["--device-map", "auto", "--max-memory", "cpu"], "--max-memory takes DEVICE=SIZE"),
+])
+def test_dispatch_flags_are_checked_before_loading(tiny, tmp_path, capsys, flags, message):
+    model, text = tiny
+    assert main(["compress", str(model), "--remove", "2", "--calib", str(text), "--out", str(tmp_path / "o"),
+                 *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smollm2_with_most_blocks_on_disk_compresses_like_the_whole_model(tmp_path):
     from flatten.data import calibration_tokens

@@ -319,6 +319,11 @@ def _check_before_loading(args) -> None:
     if args.remove is not None and (args.remove < 1 or count is not None and args.remove > count - 1):
         raise ValueError(f"cannot remove {args.remove} of {count if count is not None else 'its'} blocks: --remove "
                          f"must be from 1 to {count - 1 if count is not None else 'one fewer than it has'}")
+    device_map, max_memory, offload_folder = (getattr(args, name, None)  # compress has them, plan not
+                                              for name in ("device_map", "max_memory", "offload_folder"))
+    if (max_memory or offload_folder) and not device_map:
+        raise ValueError("--max-memory and --offload-folder go with --device-map (e.g. --device-map auto)")
+    _max_memory(max_memory)
     if args.calib is not None and args.calib not in MIXES and args.calib not in CORPORA and not args.calib.startswith("hf:"):
         read_lines(args.calib)  # a missing or empty text file
 
