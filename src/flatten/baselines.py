@@ -23,9 +23,9 @@ from flatten.calibration import on_device, run_block
 from flatten.checks import check_int
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
-from flatten.dispatch import device_of, make_resident, place_like, resident_copy, weights_of
+from flatten.dispatch import device_of, make_resident, resident_copy, weights_of
 from flatten.files import write_atomically
-from flatten.merge import remove_blocks, renumber_layers, replace_span, select_block, swapped_blocks
+from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
 from flatten.models import count_parameters
 from flatten.recipe import choose_channels
 
@@ -189,7 +189,7 @@ class LaCo(Baseline):
     def collapsed_block(blocks: list[nn.Module]) -> nn.Module:
         """A copy of ``blocks[0]`` with ``theta_0 + sum_k (theta_k - theta_0)`` as parameters."""
         merged = resident_copy(blocks[0])
-        base = weights_of(blocks[0])
+        base = merged.state_dict()  # blocks[0]'s weights, read once
         state = {name: tensor.clone() for name, tensor in base.items()}
         for block in blocks[1:]:
             for name, tensor in weights_of(block).items():
@@ -363,11 +363,10 @@ class PruneOnly(Baseline):
                 del targets
                 narrow = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep,
                                       down_proj=channels.weight)
-            layers[i] = place_like(narrow.to(home), layers[i])
+            replace_span(self.model, i, i + 1, narrow.to(home), self.arch)
             if i + 1 < len(layers):
                 hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
-        renumber_layers(self.model, self.arch)  # a dispatched model's device map names the new blocks
         return self.model, self._record(start, mlp_width=(shape.intermediate_size, width))
 
 
