@@ -14,12 +14,12 @@ from flatten import build_strategy, calibration_tokens, load_model
 from flatten.files import tensors_sha256
 
 RECIPES = {  # as ``flatten compress --method`` and compare.py take them (flatten.options)
-    "cut (the default)": "flattengpt",
-    "greedy": "flattengpt:policy=greedy",
-    "greedy, paper scorer": "flattengpt:policy=greedy:scorer=flattengpt",
-    "greedy, one-block fallback": "flattengpt:policy=greedy:one_block_fallback=true",
-    "greedy, fit to pair, input-rms": "flattengpt:policy=greedy:fit_to=pair:token_weighting=input-rms",
-    "greedy, MLP pruned only": "flattengpt:policy=greedy:prune=mlp",
+    "cut (the default)": "cut-absorb",
+    "greedy": "cut-absorb:policy=greedy:policy.keep_last=1",
+    "greedy, paper scorer": "cut-absorb:policy=greedy:policy.keep_last=1:scorer=flattengpt",
+    "greedy, one-block fallback": "cut-absorb:policy=greedy:policy.keep_last=1:one_block_fallback=true",
+    "greedy, fit to pair, input-rms": "cut-absorb:policy=greedy:policy.keep_last=1:fit_to=pair:token_weighting=input-rms",
+    "greedy, MLP pruned only": "cut-absorb:policy=greedy:policy.keep_last=1:prune=mlp",
 }
 
 

@@ -1,16 +1,19 @@
 """The depth-pruning baselines on tiny models: each removes what it says and leaves a stock checkpoint."""
 
 import copy
+import functools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from flatten import save_checkpoint
 from flatten.baselines import LaCo, Removal
-from flatten.evaluation import mean_nll
+from flatten.evaluation import mean_nll, perplexity
 from flatten.compressor import STRATEGIES, get_strategy
-from flatten.merge import remove_blocks
+from flatten.merge import remove_blocks, replace_span
 from tiny import TinySpec, tiny_model
 
 SPEC = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=24,
@@ -34,7 +37,7 @@ def _same_function(a, b):
 
 def test_every_strategy_is_registered():
     get_strategy("flattengpt")
-    assert {"flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only", "angular",
+    assert {"cut-absorb", "cut-merge", "flattengpt", "shortgpt", "sleb", "laco", "blockpruner", "prune-only", "angular",
             "replaceme"} <= set(STRATEGIES.names())
     with pytest.raises(ValueError, match="unknown strategy 'nope'; known: .*shortgpt"):
         get_strategy("nope")
@@ -65,26 +68,155 @@ def test_sleb_removes_the_block_a_brute_force_search_would():
     _same_function(model, remove_blocks(original, record.removed))
 
 
-def test_laco_collapses_by_adding_parameter_differences():
-    model = tiny_model(SPEC)
-    blocks = [model.model.layers[i] for i in (3, 4, 5)]
-    merged = LaCo.collapsed_block(blocks)
-    for name, tensor in merged.state_dict().items():
-        parts = [b.state_dict()[name] for b in blocks]
-        torch.testing.assert_close(tensor, parts[0] + (parts[1] - parts[0]) + (parts[2] - parts[0]))
+def _linear_parameters(block) -> set[str]:
+    return {f"{name}.{key}" for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)
+            for key, _ in module.named_parameters(recurse=False)}
 
 
-@pytest.mark.parametrize("threshold", [0.65, 1.5])  # 1.5: nothing passes until the threshold is lowered
-def test_laco_removes_k_blocks_above_its_lowest_layer(threshold):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_laco_rdsc_merge_is_the_base_plus_the_sum_of_the_differences(model_type):
+    """The paper's Eq. 1 on the linear layers (weights and biases); the norms stay the base block's."""
+    spec = TinySpec(model_type, 2, 2, 2, 4, 24, num_layers=6, bias=model_type == "qwen2", dtype=torch.float32)
+    model = tiny_model(spec)
+    blocks = [model.model.layers[i] for i in (2, 3, 4, 5)]
+    states = [{name: t.double() for name, t in block.state_dict().items()} for block in blocks]
+    linear = _linear_parameters(blocks[0])
+    assert {"self_attn.q_proj.weight", "mlp.down_proj.weight"} <= linear
+    assert ("self_attn.q_proj.bias" in linear) == (model_type == "qwen2")
+    merged = LaCo.collapsed_block(blocks, "rdsc").state_dict()
+    assert merged.keys() == states[0].keys()
+    for name, tensor in merged.items():
+        base = states[0][name]
+        want = base + sum(state[name] - base for state in states[1:]) if name in linear else base
+        torch.testing.assert_close(tensor.double(), want, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_laco_official_merge_is_what_the_official_in_place_update_leaves():
+    """The official code adds ``theta_k - theta`` to the base in place for each following block k, so the
+    merged linear layers are the last block's; with two blocks Eq. 1 gives the same."""
     model = tiny_model(SPEC)
-    model, record = get_strategy("laco")(model, CALIBRATION, collapse=3, threshold=threshold, step=0.5,
+    blocks = [model.model.layers[i] for i in (2, 3, 4, 5)]
+    linear = _linear_parameters(blocks[0])
+    merged = LaCo.collapsed_block(blocks, "official").state_dict()
+    for name, tensor in merged.items():
+        want = blocks[0].state_dict()[name].clone()
+        if name in linear:
+            for block in blocks[1:]:
+                want += block.state_dict()[name] - want
+        torch.testing.assert_close(tensor, want, msg=lambda m: f"{name}: {m}")
+    pair = [model.model.layers[i] for i in (3, 4)]
+    official = LaCo.collapsed_block(pair, "official").state_dict()
+    rdsc = LaCo.collapsed_block(pair, "rdsc").state_dict()
+    for name, tensor in official.items():
+        torch.testing.assert_close(tensor, rdsc[name])
+    with pytest.raises(ValueError, match="merge must be one of official, rdsc"):
+        LaCo.collapsed_block(pair, "mean")
+
+
+@pytest.mark.parametrize("merge", ["official", "rdsc"])
+@pytest.mark.parametrize("interval, tried", [(1, [(3, 4), (2, 4), (1, 2), (0, 1)]), (2, [(3, 4), (1, 2), (0, 1)])])
+def test_laco_walks_down_from_h_minus_c_and_keeps_the_collapses_that_leave_the_output_unchanged(merge, interval, tried):
+    """Blocks 0, 1, 3 and 4 add nothing to the residual stream: a collapse of two of them leaves the last hidden
+    states as they were (cosine 1), any other changes them. The walk starts at H - C = 3 (the top block is not
+    merged first), moves down by I after a kept collapse (the next one may take in the block just merged) and by
+    1 after a rejected one."""
+    model = _identity_blocks(tiny_model(SPEC), [0, 1, 3, 4])
+    original = copy.deepcopy(model)
+    model, record = get_strategy("laco")(model, CALIBRATION, collapse=2, interval=interval, threshold=1 - 1e-6,
+                                         merge=merge, progress=False).compress(remove=2)
+    steps = record.scores["tried"]
+    assert [tuple(step["span"]) for step in steps] == tried
+    assert [step["kept"] for step in steps] == [span in ((3, 4), (0, 1)) for span in tried]
+    assert all(step["kept"] == (step["similarity"] > step["threshold"]) for step in steps)
+    assert record.scores["thresholds"] == [1 - 1e-6]  # one walk, the threshold as given
+    assert record.collapsed == [(0, 1), (3, 4)] and record.removed == [1, 4]
+    assert model.config.num_hidden_layers == len(model.model.layers) == 4
+    _same_function(model, remove_blocks(original, [1, 4]))
+
+
+def test_laco_scores_a_collapse_by_the_cosine_of_the_flattened_last_hidden_states():
+    model = tiny_model(SPEC)
+    expected = copy.deepcopy(model)
+    model, record = get_strategy("laco")(copy.deepcopy(model), CALIBRATION, collapse=3, threshold=-2.0,
+                                         progress=False).compress(remove=2)
+    first = record.scores["tried"][0]
+    assert first["span"] == [2, 4] and first["kept"] and record.collapsed == [(2, 4)]
+    merged = LaCo.collapsed_block([expected.model.layers[i] for i in (2, 3, 4)], "official")
+    original = copy.deepcopy(expected)
+    replace_span(expected, 2, 5, merged)
+    with torch.no_grad():
+        a, b = (m.model(input_ids=CALIBRATION).last_hidden_state.double().flatten(1) for m in (original, expected))
+    assert first["similarity"] == pytest.approx(float(F.cosine_similarity(a, b, dim=-1).mean()), abs=1e-6)
+    assert first["similarity"] < 0.99  # a real change, not the identity
+    _same_function(model, expected)
+
+
+def test_laco_lowers_its_threshold_in_steps_until_it_removes_k():
+    """T = 1.5: no collapse passes; the next walk's T is the highest on the grid 1.5 - j * step below the best
+    rejected collapse, so that collapse now passes."""
+    model, record = get_strategy("laco")(tiny_model(SPEC), CALIBRATION, collapse=3, threshold=1.5, step=0.5,
                                          progress=False).compress(remove=2)
     assert model.config.num_hidden_layers == len(model.model.layers) == 4
     assert sum(c - a for a, c in record.collapsed) == 2 and len(record.removed) == 2
-    assert all(a >= 3 for a, _ in record.collapsed)  # lowest defaults to half the depth
-    assert record.scores["tried"][-1]["similarity"] >= record.scores["tried"][-1]["threshold"]
+    steps, thresholds = record.scores["tried"], record.scores["thresholds"]
+    first_walk = [step for step in steps if step["threshold"] == 1.5]
+    assert [step["span"] for step in first_walk] == [[2, 4], [1, 3], [0, 2]] and not any(s["kept"] for s in first_walk)
+    best = max(step["similarity"] for step in first_walk)
+    assert thresholds[0] == 1.5 and thresholds[1] < best <= thresholds[1] + 0.5
+    assert (thresholds[1] - 1.5) / 0.5 == pytest.approx(round((thresholds[1] - 1.5) / 0.5))
+    again = steps[len(first_walk)]  # the model is as it was: the same collapse, the same similarity
+    assert again["span"] == [2, 4] and again["similarity"] == pytest.approx(first_walk[0]["similarity"])
+    assert all(step["kept"] == (step["similarity"] > step["threshold"]) for step in steps) and steps[-1]["kept"]
+
+
+def test_laco_checks_its_layer_range_and_options():
     with pytest.raises(ValueError, match="only into blocks 3 and above"):
-        get_strategy("laco")(tiny_model(SPEC), CALIBRATION).compress(remove=3)
+        get_strategy("laco")(tiny_model(SPEC), CALIBRATION, lowest=3, collapse=2).compress(remove=3)
+    with pytest.raises(ValueError, match="too shallow"):
+        get_strategy("laco")(tiny_model(SPEC), CALIBRATION, collapse=6)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        get_strategy("laco")(tiny_model(SPEC), CALIBRATION, merge="sum")
+    model, record = get_strategy("laco")(tiny_model(SPEC), CALIBRATION, collapse=2, highest=3, threshold=-2.0,
+                                         progress=False).compress(remove=1)
+    assert record.scores["tried"][0]["span"] == [1, 2] and record.collapsed == [(1, 2)]
+
+
+def _progression(rows: int, length: int, seed: int) -> torch.Tensor:
+    """Arithmetic progressions mod 61 (step 7) from random starts: a task a tiny model learns in seconds."""
+    start = torch.randint(0, 61, (rows, 1), generator=torch.Generator().manual_seed(seed))
+    return (start + 7 * torch.arange(length)) % 61
+
+
+@functools.cache
+def _trained_tiny_model():
+    torch.manual_seed(0)
+    model = tiny_model(TinySpec("llama", 2, 2, 2, 4, 24, num_layers=8, dtype=torch.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(200):
+        ids = _progression(16, 12, step)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def test_laco_keeps_the_perplexity_of_a_trained_tiny_model_bounded():
+    """A trained model (perplexity about 5 on its task) with one collapse of three of its eight blocks stays far
+    better than guessing (61 tokens). Eq. 1 taken literally (merge="rdsc") does much worse than the official
+    code's merge, as on SmolLM2-135M (where it reaches perplexities of 1e5 and more)."""
+    dense = _trained_tiny_model()
+    calibration, text = _progression(4, 12, 10_001), _progression(8, 32, 10_002).flatten()
+    before = perplexity(dense, text, seq_len=32).value
+    assert before < 10
+    after = {}
+    for merge in ("official", "rdsc"):
+        model, record = get_strategy("laco")(copy.deepcopy(dense), calibration, collapse=3, merge=merge,
+                                             progress=False).compress(remove=2)
+        assert len(model.model.layers) == 6 and len(record.collapsed) == 1
+        after[merge] = perplexity(model, text, seq_len=32).value
+    assert math.isfinite(after["official"]) and before < after["official"] < min(61, 4 * before)
+    assert after["rdsc"] > 2 * after["official"]
 
 
 def _without_sublayer(model, block, kind):

@@ -116,7 +116,8 @@ def test_greedy_can_keep_the_last_blocks_out_of_every_merge():
                       [0.1, 0.3, 0.9, 1.0]])
     groups = [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert GreedySimilarity(keep_last=0).next_merge(s, groups) == 2  # S[2, 3] = 0.9: the last block
-    assert GreedySimilarity().next_merge(s, groups) == 1  # S[1, 2] = 0.5: by default the last block is kept
+    assert GreedySimilarity(keep_last=1).next_merge(s, groups) == 1  # S[1, 2] = 0.5: the last block kept
+    assert GreedySimilarity().keep_last == 0  # the paper merges any pair
     assert GreedySimilarity(keep_last=2).next_merge(s, groups) == 0
     assert GreedySimilarity(keep_last=3).next_merge(s, groups) == 2  # nothing else left: the best pair
     with pytest.raises(ValueError, match="keep_last must be an int >= 0, got -1"):

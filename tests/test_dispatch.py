@@ -12,7 +12,7 @@ from flatten.dispatch import weights_of
 from flatten.models import embedded_model_path
 from tiny import TinySpec, tiny_model
 
-STRATEGIES = ["flattengpt", "flattengpt:policy=greedy", "replaceme", "angular", "shortgpt", "sleb", "laco",
+STRATEGIES = ["cut-absorb", "cut-merge", "flattengpt", "replaceme", "angular", "shortgpt", "sleb", "laco",
               "blockpruner", "prune-only"]
 
 
@@ -79,7 +79,7 @@ def test_blocks_offloaded_as_one_list_get_a_device_map_entry_each(tmp_path):
                                                              "model.norm": "cpu", "model.rotary_emb": "cpu",
                                                              "lm_head": "cpu"})
     calibration = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(1))
-    got, _ = build_strategy("flattengpt", model, calibration, progress=False).compress(remove=2)
+    got, _ = build_strategy("cut-absorb", model, calibration, progress=False).compress(remove=2)
     blocks = {k: v for k, v in got.hf_device_map.items() if k.startswith("model.layers")}
     assert list(blocks) == [f"model.layers.{i}" for i in range(3)]
     assert list(blocks.values()) == ["disk" if _offloaded(b) else "cpu" for b in got.model.layers]
@@ -119,5 +119,5 @@ def test_smollm2_with_most_blocks_on_disk_compresses_like_the_whole_model(tmp_pa
     save_checkpoint(model, tmp_path / "smollm2", tokenizer)
     del model
     calibration = calibration_tokens(tokenizer, samples=4, seq_len=64)
-    got, _ = _check_same_compression(tmp_path / "smollm2", "flattengpt", calibration, 6, 4, tmp_path)
+    got, _ = _check_same_compression(tmp_path / "smollm2", "cut-absorb", calibration, 6, 4, tmp_path)
     assert sum(_offloaded(block) for block in got.model.layers) >= 18  # only the blocks it changed came in

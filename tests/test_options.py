@@ -33,11 +33,11 @@ def test_options_convert_to_their_declared_types():
 
 
 def test_scorer_and_policy_options_build_them_and_a_bare_name_stays_a_name():
-    arguments = Method.parse("flattengpt:policy=fixed:policy.spans=1-2+3-4:ridge=3").arguments()
+    arguments = Method.parse("cut-absorb:policy=fixed:policy.spans=1-2+3-4:ridge=3").arguments()
     assert isinstance(arguments["policy"], FixedSpans) and arguments["policy"].spans == [(1, 2), (3, 4)]
     assert isinstance(arguments["scorer"], FlattenGPTScorer) and arguments["scorer"].ridge == 3.0
     assert arguments["scorer"].heads == "reconstruction"  # the default scorer, with one option changed
-    arguments = Method.parse("flattengpt:policy.tokens=all:scorer=flattengpt:scorer.ridge=2").arguments()
+    arguments = Method.parse("cut-absorb:policy.tokens=all:scorer=flattengpt:scorer.ridge=2").arguments()
     assert isinstance(arguments["policy"], ContiguousCut) and arguments["policy"].tokens == "all"
     assert arguments["scorer"].heads == "contribution" and arguments["scorer"].ridge == 2.0
     assert Method.parse("flattengpt:scorer=magnitude:policy=greedy").arguments() == {"scorer": "magnitude",
@@ -48,7 +48,7 @@ def test_scorer_and_policy_options_build_them_and_a_bare_name_stays_a_name():
     ("sleb:ridge=3", "sleb has no option 'ridge'; its options: search_samples (int | None"),
     ("sleb:search_samples=many", "search_samples='many': expected int | None"),
     ("sleb:search_samples", "is not key=value"),
-    ("flattengpt:policy.nope=1", "policy 'cut' has no option 'nope'; its options: tokens"),
+    ("cut-absorb:policy.nope=1", "policy 'cut' has no option 'nope'; its options: tokens"),
     ("flattengpt:policy=fixed", "policy 'fixed' needs its option spans"),
     ("flattengpt:policy=fixed:policy.spans=1to2", "spans must look like 9-10+13-14"),
     ("flattengpt:scorer=magnitude:ridge=3", "scorer 'magnitude' has no option 'ridge'"),

@@ -145,95 +145,180 @@ class SLEB(Baseline):
 
 @register_strategy("laco")
 class LaCo(Baseline):
-    """LaCo (Yang et al., 2024): walking down from the top, collapse ``collapse - 1`` following blocks into
-    block ``l`` by adding their parameter differences, ``theta_l + sum_k (theta_{l+k} - theta_l)``, when the
-    collapsed model's last hidden states stay within ``threshold`` cosine of the original's; then skip
-    ``interval`` blocks. Blocks below ``lowest`` (default half the depth) are never merged into. If a walk
-    ends short of ``k``, the threshold is lowered by ``step`` (or at once to the similarity of the walk's best
-    rejected collapse, if that is lower) and the walk repeats on the collapsed model."""
+    """LaCo, Layer Collapse (Yang et al., 2024, arXiv 2402.11187; official code: github.com/yangyifei729/LaCo).
+
+    The walk (the paper's Algorithm 1, as its official notebooks run it): ``l`` starts at ``H - C``; at each
+    ``l`` the ``C`` blocks ``l .. l+C-1`` of the model as collapsed so far (fewer where the model ends sooner)
+    are merged into one block at ``l``; the merged model is kept if the cosine similarity of its last hidden
+    states (the output of the final norm) to the original model's, each calibration sequence flattened to one
+    vector and the cosines averaged over the sequences, is above ``T``, and the walk moves down by ``I``
+    (the next collapse may take in the block just merged); otherwise it moves down by 1. It ends when
+    ``l < L``. Similarity is measured on the first ``search_samples`` calibration rows (the paper: five short
+    Wikipedia sentences).
+
+    The merge (``merge``) replaces only the linear layers (attention and MLP projections, weights and
+    biases); the merged block keeps block ``l``'s norms, as the official code does.
+    ``"rdsc"``: the paper's Eq. 1 (Reserving-Differences-while-Seeking-Common),
+    ``theta_l + sum_{k=1}^{C-1} (theta_{l+k} - theta_l)``. ``"official"`` (default): what the official code
+    computes. Its in-place update ``theta += theta_{l+k} - theta`` overwrites the base at each ``k``, so the
+    merged layers end up as ``theta_{l+C-1}``, the last block's (issues #4 and #5 of the official repository);
+    the paper's results come from that code. Eq. 1 taken literally adds ``C - 1`` differences of nearly
+    uncorrelated matrices. On SmolLM2-135M, every 4-block ``rdsc`` collapse gives a cosine of 0.0-0.16 and
+    a WikiText-2 perplexity of 1e5-1e12 (issue #4 reports a near-zero cosine after the same fix); the
+    ``official`` collapse of the same spans gives 0.5-0.95 and 40-1400. With ``C = 2`` the two rules agree.
+
+    Defaults: the paper's settings for the 32-block Llama2-7B, ``C = 4``, ``I = 2``, ``T = 0.65``, and
+    ``[L, H]`` covering the whole model as in the official notebooks (``LOWEST_LAY = 0``,
+    ``HIGHEST_LAY`` = the last block). We adapt them to any depth as ``L = 0`` and ``H`` = the last block.
+    So the first span is ``n-1-C .. n-2`` and the top block is never merged first. ``C`` and ``I`` stay in
+    blocks: on 24-32 blocks, 4 and 2 are about the same share of the depth as on Llama2-7B.
+
+    Removing exactly ``k`` blocks: the paper removes as many blocks as its walk accepts. The official code
+    has no rule to reach a target (its notebooks set ``C`` and ``T`` per model by hand). The harness asks
+    for ``k``, so (1) a collapse never removes more blocks than are still needed (its span is cut to
+    ``k - removed + 1`` blocks) and the walk stops once ``k`` are removed; (2) a walk that ends short is
+    repeated from the top on the collapsed model (the reference stays the original) with ``T`` lowered by
+    ``step``, further if needed, on the same grid, until the best rejected collapse of the walk would pass.
+    This repeats until ``k`` are removed. ``scores["tried"]`` records every trial with its threshold, and
+    ``scores["thresholds"]`` the threshold of each walk."""
 
     name = "laco"
     title = "LaCo (Yang et al., 2024)"
+    MERGES = ("official", "rdsc")
 
     def __init__(self, model: nn.Module, calibration: Tensor,
-                 collapse: Annotated[int, "blocks merged into one"] = 4,
-                 interval: Annotated[int, "blocks skipped after a collapse"] = 2,
-                 threshold: Annotated[float, "least cosine of the last hidden states to accept a collapse"] = 0.65,
-                 step: Annotated[float, "how much the threshold drops after a walk that fell short"] = 0.05,
-                 lowest: Annotated[int | None, "lowest block merged into (default: half the depth)"] = None,
+                 collapse: Annotated[int, "C: blocks merged into one (a base block and the C - 1 after it)"] = 4,
+                 interval: Annotated[int, "I: how far the walk moves down after a kept collapse"] = 2,
+                 threshold: Annotated[float, "T: a collapse is kept if the last hidden states' cosine to the "
+                                             "original model's is above it"] = 0.65,
+                 lowest: Annotated[int | None, "L: the walk ends below this block (default 0, the first)"] = 0,
+                 highest: Annotated[int | None, "H: the walk starts at block H - C (default: the last block)"]
+                 = None,
+                 merge: Annotated[str, "'official': the merged block takes the last block's linear layers, as "
+                                       "the official code computes; 'rdsc': the paper's Eq. 1, base + sum of "
+                                       "differences"] = "official",
+                 step: Annotated[float, "how much the threshold drops after a walk that fell short of k"] = 0.05,
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True,
                  search_samples: int | None = None):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress,
                          search_samples=search_samples)
+        count = len(self.arch.layers_of(model))
         check_int("collapse (blocks merged into one)", collapse, 2)
         check_int("interval", interval)
-        self.collapse, self.interval, self.threshold, self.step = collapse, interval, threshold, step
-        self.lowest = len(self.arch.layers_of(model)) // 2 if lowest is None else lowest
+        lowest = 0 if lowest is None else check_int("lowest", lowest, 0, count - 2)
+        highest = count - 1 if highest is None else check_int("highest", highest, lowest + collapse, count - 1)
+        if highest - collapse < lowest:
+            raise ValueError(f"LaCo's walk starts at block highest - collapse = {highest - collapse}, below "
+                             f"lowest = {lowest}: a model of {count} blocks is too shallow for collapse={collapse}")
+        if merge not in self.MERGES:
+            raise ValueError(f"merge must be one of {', '.join(self.MERGES)}, got {merge!r}")
+        if not step > 0:
+            raise ValueError(f"step must be positive, got {step!r}")
+        self.collapse, self.interval, self.threshold, self.step = collapse, interval, float(threshold), float(step)
+        self.lowest, self.highest, self.merge = lowest, highest, merge
 
     def options(self) -> dict:
-        return {"collapse": self.collapse, "interval": self.interval, "threshold": self.threshold, "step": self.step,
-                "lowest": self.lowest, **super().options()}
+        return {"collapse": self.collapse, "interval": self.interval, "threshold": self.threshold,
+                "lowest": self.lowest, "highest": self.highest, "merge": self.merge, "step": self.step,
+                **super().options()}
 
     @torch.no_grad()
     def _last_hidden(self) -> list[Tensor]:
+        """The output of the final norm (``hidden_states[-1]``) on the search batches, float32."""
         base = self.model.get_submodule(self.arch.layers.rsplit(".", 1)[0])
         device = device_of(base)
         return [base(input_ids=ids.to(device), use_cache=False).last_hidden_state.float() for ids in self.search_batches]
 
     def _similarity(self, reference: list[Tensor]) -> float:
+        """The mean over sequences of the cosine between the model's and ``reference``'s last hidden states,
+        each sequence flattened to one vector (tokens x channels)."""
         now = self._last_hidden()
-        return float(sum(F.cosine_similarity(a, b, dim=-1).sum() for a, b in zip(now, reference))
-                     / sum(a.shape[0] * a.shape[1] for a in now))
+        total = sum(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=-1).sum()
+                    for a, b in zip(now, reference))
+        return float(total / sum(a.shape[0] for a in now))
 
     @staticmethod
-    def collapsed_block(blocks: list[nn.Module]) -> nn.Module:
-        """A copy of ``blocks[0]`` with ``theta_0 + sum_k (theta_k - theta_0)`` as parameters."""
+    def collapsed_block(blocks: list[nn.Module], merge: str = "rdsc") -> nn.Module:
+        """A copy of ``blocks[0]`` whose linear layers (weights and biases) are merged from ``blocks``:
+        ``theta_0 + sum_k (theta_k - theta_0)`` (``"rdsc"``, computed in float32 at least) or the last block's
+        (``"official"``); everything else (the norms) stays ``blocks[0]``'s."""
+        if merge not in LaCo.MERGES:
+            raise ValueError(f"merge must be one of {', '.join(LaCo.MERGES)}, got {merge!r}")
         merged = resident_copy(blocks[0])
-        base = merged.state_dict()  # blocks[0]'s weights, read once
+        linear = [f"{name}.{key}" if name else key for name, module in merged.named_modules()
+                  if isinstance(module, nn.Linear) for key, _ in module.named_parameters(recurse=False)]
+        base = merged.state_dict()
         state = {name: tensor.clone() for name, tensor in base.items()}
-        for block in blocks[1:]:
-            for name, tensor in weights_of(block).items():
-                state[name] += tensor - base[name]
+        following = [weights_of(block) for block in blocks[1:]]
+        for name in linear:
+            theta = base[name]
+            if merge == "official":
+                state[name] = following[-1][name].to(theta.device, theta.dtype).clone()
+                continue
+            wide = torch.promote_types(theta.dtype, torch.float32)
+            total = theta.to(wide)
+            for weights in following:
+                total = total + (weights[name].to(theta.device, wide) - theta.to(wide))
+            state[name] = total.to(theta.dtype)
         merged.load_state_dict(state)
         return merged
 
+    def _lowered(self, drops: int, rejected: list[float]) -> int:
+        """How many ``step``s below ``threshold`` the next walk's threshold is: one more than now, and more
+        until the best rejected collapse of this walk would pass."""
+        drops += 1
+        while rejected and not max(rejected) > self.threshold - drops * self.step:
+            drops += 1
+        return drops
+
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
         k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
-        if k > len(self.arch.layers_of(self.model)) - 1 - self.lowest:
+        count = len(self.arch.layers_of(self.model))
+        if k > count - 1 - self.lowest:
             raise ValueError(f"LaCo merges only into blocks {self.lowest} and above: it cannot remove {k}")
         reference = self._last_hidden()
-        spans = [(i, i) for i in range(len(self.arch.layers_of(self.model)))]  # original blocks of each block now
-        threshold, tried = self.threshold, []
+        spans = [(i, i) for i in range(count)]  # the original blocks that each block now stands for
+        tried, thresholds, drops = [], [], 0
 
         def removed() -> int:
             return sum(c - a for a, c in spans)
 
+        def position(block: int) -> int:  # where original block ``block`` (or the collapse holding it) is now
+            return next(p for p, (_, c) in enumerate(spans) if c >= block)
+
         with tqdm(total=k, desc="LaCo", unit="block", disable=not self.progress) as bar:
             while removed() < k:
-                lowest = next(p for p, (a, _) in enumerate(spans) if a >= self.lowest)
+                threshold = self.threshold - drops * self.step
+                thresholds.append(threshold)
+                floor = position(self.lowest)
+                at = max(position(self.highest) - self.collapse, floor)
                 rejected: list[float] = []
-                position = max(len(spans) - self.collapse, lowest)
-                while position >= lowest and removed() < k:
-                    width = min(self.collapse, k - removed() + 1, len(spans) - position)
+                while at >= floor and removed() < k:
+                    width = min(self.collapse, len(spans) - at, k - removed() + 1)
+                    if width < 2:
+                        at -= 1
+                        continue
                     layers = self.arch.layers_of(self.model)
-                    merged = self.collapsed_block([layers[position + j] for j in range(width)])
-                    with swapped_blocks(layers, position, position + width, [merged]):
+                    merged = self.collapsed_block([layers[at + j] for j in range(width)], self.merge)
+                    with swapped_blocks(layers, at, at + width, [merged]):
                         similarity = self._similarity(reference)
-                    span = (spans[position][0], spans[position + width - 1][1])
-                    tried.append({"span": list(span), "similarity": similarity, "threshold": threshold})
-                    if similarity >= threshold:
-                        replace_span(self.model, position, position + width, merged, self.arch)
-                        spans[position : position + width] = [span]
+                    span = (spans[at][0], spans[at + width - 1][1])
+                    kept = similarity > threshold
+                    tried.append({"span": list(span), "similarity": similarity, "threshold": threshold, "kept": kept})
+                    if kept:
+                        replace_span(self.model, at, at + width, merged, self.arch)
+                        spans[at : at + width] = [span]
                         bar.update(width - 1)
-                        position -= self.interval
+                        at -= self.interval
                     else:
                         rejected.append(similarity)
-                        position -= 1
-                # lower the threshold by a step, or at once to the best rejected collapse of this walk
-                threshold = min(threshold - self.step, max(rejected, default=threshold))
+                        at -= 1
+                if removed() < k:
+                    drops = self._lowered(drops, rejected)
         collapsed = [span for span in spans if span[1] > span[0]]
-        removed = sorted(i for a, c in collapsed for i in range(a + 1, c + 1))
-        return self.model, self._record(start, removed=removed, collapsed=collapsed, scores={"tried": tried})
+        dropped = sorted(i for a, c in collapsed for i in range(a + 1, c + 1))
+        return self.model, self._record(start, removed=dropped, collapsed=collapsed,
+                                        scores={"tried": tried, "thresholds": thresholds})
 
 
 class _Skipped(nn.Module):
@@ -442,10 +527,12 @@ class ReplaceMe(_ContiguousCut):
         first = 1 + int(distances[1:].argmin())
         transform = self.transform(first, k)
         down = make_resident(self.arch.layers_of(self.model)[first - 1]).get_submodule(self.arch.down_proj)
-        with torch.no_grad():
-            down.weight.copy_((transform.T @ down.weight.double()).to(down.weight.dtype))
+        with torch.no_grad():  # folded where T was solved (the computing device), written back where the weights live
+            weight = down.weight.to(transform.device)
+            down.weight.copy_((transform.T @ weight.double()).to(weight.dtype))
             if down.bias is not None:
-                down.bias.copy_((down.bias.double() @ transform).to(down.bias.dtype))
+                bias = down.bias.to(transform.device)
+                down.bias.copy_((bias.double() @ transform).to(bias.dtype))
         removed = list(range(first, first + k))
         remove_blocks(self.model, removed, self.arch)
         return self.model, self._record(start, removed=removed, scores={
@@ -453,7 +540,8 @@ class ReplaceMe(_ContiguousCut):
 
     @torch.no_grad()
     def transform(self, first: int, k: int) -> Tensor:
-        """``T`` (float64) for the cut of blocks ``first .. first+k-1``, from the calibration data."""
+        """``T`` (float64, on the computing device) for the cut of blocks ``first .. first+k-1``, from the
+        calibration data."""
         layers = self.arch.layers_of(self.model)
         d = self.model.config.hidden_size
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
@@ -477,4 +565,20 @@ class ReplaceMe(_ContiguousCut):
             gram += m.T @ m
             cross += m.T @ (target - (y - m))
         gram.diagonal().add_(self.ridge * float(gram.diagonal().mean()))
-        return torch.linalg.lstsq(gram.cpu(), cross.cpu(), driver="gelsd").solution
+        return _minimum_norm_solution(gram, cross)
+
+
+def _minimum_norm_solution(gram: Tensor, cross: Tensor) -> Tensor:
+    """The minimum-norm ``T`` of least ``||gram T - cross||`` (``gram`` symmetric positive semi-definite,
+    float64), computed where ``gram`` is. On the CPU, LAPACK's SVD-based ``gelsd``. CUDA has no ``gelsd``
+    (``torch.linalg.lstsq`` takes only ``gels`` there, a QR that assumes full rank: fewer calibration tokens than
+    hidden channels make ``gram`` singular), so elsewhere the same solution from the eigendecomposition of
+    ``gram``, with ``gelsd``'s default cut-off (singular values, here ``|eigenvalues|``, up to ``n * eps`` times
+    the largest count as zero): equal to ``gelsd``'s within rounding."""
+    if gram.device.type == "cpu":
+        return torch.linalg.lstsq(gram, cross, driver="gelsd").solution
+    values, vectors = torch.linalg.eigh(gram)
+    size = values.abs()
+    kept = size > size.max() * gram.shape[0] * torch.finfo(gram.dtype).eps
+    inverse = torch.where(kept, 1 / torch.where(kept, values, torch.ones_like(values)), torch.zeros_like(values))
+    return vectors @ (inverse[:, None] * (vectors.mT @ cross))

@@ -56,6 +56,7 @@ class MlpStats:
     gram: Tensor  # sum over tokens of psi^T psi, float64, channels^2
     target_cross: Tensor | None  # sum over tokens of psi^T (y_true - u'), float64, channels x hidden; see needs_target
     tokens: int
+    target_energy: float | None = None  # sum over tokens of ||y_true - u'||^2, with target_cross
 
     def own_cross(self) -> Tensor:
         """``psi^T (psi W_down^T)``: the cross term that fits the wide MLP's own output."""
@@ -155,6 +156,11 @@ def token_rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Activations as statistics multiply them: float32 (from bf16, fp16 or float32), float64 kept as it is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def add_upper_gram(gram: Tensor, x: Tensor, rows: int = 512) -> None:
     """``gram += x^T x`` (``x``: tokens x d) on and above the diagonal only, in strips of ``rows`` rows:
     about half the work of the full product. ``symmetric`` fills in the lower triangle afterwards."""
@@ -183,7 +189,7 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
     tensor of per-token weights per batch), each token's row counts ``weight`` times in the Gram matrix and
     ``sqrt(weight)`` times in the contribution norms."""
     o_weight = wide.get_submodule(arch.o_proj).weight.detach()
-    w = o_weight.float().view(o_weight.shape[0], shape.num_heads, shape.head_dim)
+    w = _at_least_float32(o_weight).view(o_weight.shape[0], shape.num_heads, shape.head_dim)
     head_gram = torch.einsum("dhi,dhj->hij", w, w)
     width = shape.num_heads * shape.head_dim
     gram = torch.zeros(width, width, dtype=torch.float64, device=o_weight.device)
@@ -192,7 +198,7 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
 
     def hook(module, args):
         nonlocal contribution, tokens
-        o = token_rows(args[0]).float()
+        o = _at_least_float32(token_rows(args[0]))
         if token_weights is not None:
             o = o * token_weights[next(batch)].to(o.device).sqrt()[:, None]
         add_upper_gram(gram, o)
@@ -211,29 +217,34 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
 def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: list[Tensor], calls: list,
               targets: list[Tensor] | None, token_weights: list[Tensor] | None = None) -> MlpStats:
     """Channel activations ``psi`` of ``half`` (attention already pruned, MLP still wide): their Gram
-    matrix and, with ``targets``, ``psi^T (target - u')`` where ``u'`` is the MLP sub-layer's input.
+    matrix and, with ``targets``, ``psi^T (target - u' - b)`` where ``u'`` is the MLP sub-layer's input and
+    ``b`` the bias of ``down_proj`` (if it has one).
     Stops each forward at ``down_proj``. ``token_weights`` as in ``attention_stats``."""
     down = half.get_submodule(arch.down_proj).weight.detach()
+    bias = half.get_submodule(arch.down_proj).bias
     gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
     cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
-    tokens = 0
+    tokens, energy = 0, 0.0
     residual: list = [None, -1]  # the current batch's MLP-norm input, and the batch's index
 
     def norm_hook(module, args):
         residual[0], residual[1] = args[0], residual[1] + 1
 
     def down_hook(module, args):
-        nonlocal cross, tokens
-        psi = token_rows(args[0]).float()
+        nonlocal cross, tokens, energy
+        psi = _at_least_float32(token_rows(args[0]))
         if token_weights is not None:
             psi = psi * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
         add_upper_gram(gram, psi)
         if cross is not None:
-            target = token_rows(targets[residual[1]].to(psi.device)).float()
-            change = target - token_rows(residual[0]).float()
+            target = _at_least_float32(token_rows(targets[residual[1]].to(psi.device)))
+            change = target - _at_least_float32(token_rows(residual[0]))
+            if bias is not None:  # the MLP adds down_proj's bias: the refit fits the rest
+                change = change - bias.to(change)
             if token_weights is not None:
                 change = change * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
             cross += (psi.T @ change).double()
+            energy += float(change.double().square().sum())
         tokens += psi.shape[0]
         raise _Stop
 
@@ -244,7 +255,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         handle.remove()
     weights = {key: half.get_submodule(path).weight.detach()
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
-    return MlpStats(shape, weights, symmetric(gram), cross, tokens)
+    return MlpStats(shape, weights, symmetric(gram), cross, tokens, energy if cross is not None else None)
 
 
 def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], calls: list) -> None:

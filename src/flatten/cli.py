@@ -100,23 +100,26 @@ def _add_plugin(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
-    """Shorthands for options of --method (flattengpt's): each sets the option of the same name."""
+    """Shorthands for options of --method (of the recipes that merge, absorb or drop): each sets the option of
+    the same name."""
     from flatten.criteria import POLICIES, SIMILARITIES
 
-    parser.add_argument("--policy", default=None, help=f"option policy: pair-selection policy (flattengpt's default "
-                        f"cut): {', '.join(POLICIES.names())}")
+    parser.add_argument("--policy", default=None, help=f"option policy: pair-selection policy (default: the "
+                        f"method's): {', '.join(POLICIES.names())}")
     parser.add_argument("--spans", default=None, metavar="A-C,...",
-                        help="option policy.spans: with --policy fixed, spans of original blocks to flatten, e.g. 20-22,25-26")
+                        help="option policy.spans: with --policy fixed, spans of original blocks to merge, e.g. 20-22,25-26")
     parser.add_argument("--similarity", default=None, help=f"option similarity: {', '.join(SIMILARITIES.names())}")
 
 
 def _compress_parser(commands) -> None:
+    from flatten.compressor import DEFAULT_RECIPE
     from flatten.options import strategies_help
 
     compress = commands.add_parser(
-        "compress", help="remove blocks by flattening; save a stock checkpoint and a report",
+        "compress", help="remove blocks (merge, absorb or drop them); save a stock checkpoint and a report",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="strategies and their options:\n" + strategies_help(),
-        description="Compress MODEL with FlattenGPT (or another strategy); measure it before and after; write the "
+        description=f"Compress MODEL with a strategy (default {DEFAULT_RECIPE}; flattengpt is the paper's recipe); "
+        "measure it before and after; write the "
         "checkpoint, the decisions (plan.json or removal.json), a model card (README.md), flatten_run.json and a "
         "figure of what the plan was based on (cut.png or similarity.png).")
     _add_model(compress)
@@ -125,9 +128,9 @@ def _compress_parser(commands) -> None:
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     compress.add_argument("--gguf", default=None, metavar="FILE", help="also write the result as this GGUF file")
     _add_gguf(compress)
-    compress.add_argument("--method", "--strategy", dest="method", default="flattengpt", metavar="NAME[:KEY=VALUE...]",
+    compress.add_argument("--method", "--strategy", dest="method", default=DEFAULT_RECIPE, metavar="NAME[:KEY=VALUE...]",
                           help="the strategy and its options (listed below), e.g. sleb:search_samples=4 or "
-                          "flattengpt:policy=greedy:ridge=3 (default flattengpt)")
+                          f"flattengpt:scorer=reconstruction:ridge=3 (default {DEFAULT_RECIPE})")
     _add_plugin(compress)
     compress.add_argument("--scorer", default=None, help="option scorer: the channel scorer (default 'reconstruction')")
     compress.add_argument("--checkpoint", default=None, metavar="FILE", help="option checkpoint: save the progress "
@@ -335,10 +338,11 @@ SHORTHANDS = {"scorer": "scorer", "policy": "policy", "spans": "policy.spans", "
 
 
 def _method(args):
-    """The strategy of --method (flattengpt for ``plan``) with the options the shorthand flags set."""
+    """The strategy of --method (the default recipe for ``plan``) with the options the shorthand flags set."""
+    from flatten.compressor import DEFAULT_RECIPE
     from flatten.options import Method
 
-    method = Method.parse(getattr(args, "method", "flattengpt"))
+    method = Method.parse(getattr(args, "method", DEFAULT_RECIPE))
     for flag, option in SHORTHANDS.items():
         if getattr(args, flag, None) is not None:
             method.options[option] = str(getattr(args, flag))
@@ -543,7 +547,7 @@ def run_plan(args) -> None:
         _write_json(args.json, {"model": args.model, "similarity": similarity.tolist(), "spans": merged})
         print(f"wrote {args.json}")
     if args.png:
-        if similarity_heatmap(similarity, merged, args.png, f"{args.model}: spans that would be flattened") is None:
+        if similarity_heatmap(similarity, merged, args.png, f"{args.model}: spans that would be made one block") is None:
             raise ModuleNotFoundError("drawing the heatmap needs matplotlib: pip install 'flatten-gpt[plot]'")
         print(f"wrote {args.png}")
 

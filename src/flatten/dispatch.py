@@ -75,9 +75,13 @@ def load_offloaded(module: nn.Module, key: str) -> Tensor:
     return hook.weights_map[name]
 
 
-def weights_of(module: nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with every offloaded tensor loaded through its hook (the module is not changed)."""
-    return {key: load_offloaded(module, key) if t.is_meta else t.detach() for key, t in module.state_dict().items()}
+def weights_of(module: nn.Module, device: torch.device | None = None) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every offloaded tensor loaded through its hook (the module is not changed),
+    all on ``device`` (default: where the module computes, as its hooks would load them for a forward)."""
+    state = module.state_dict()
+    if device is None and state:
+        device = device_of(module)
+    return {key: (load_offloaded(module, key) if t.is_meta else t.detach()).to(device) for key, t in state.items()}
 
 
 def make_resident(module: nn.Module) -> nn.Module:
@@ -97,7 +101,8 @@ def make_resident(module: nn.Module) -> nn.Module:
 
 
 def resident_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that holds all its weights (offloaded ones loaded) and has no hooks."""
+    """A copy of ``module`` that holds all its weights (offloaded ones loaded), on the device where ``module``
+    computes, and has no hooks."""
     weights = weights_of(module)
     duplicate = copy.deepcopy(module)
     if is_dispatched(duplicate):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from flatten.measure import Stopwatch
 from flatten.models import count_parameters
 from flatten.pair import BlockPair
 from flatten.plan import Merge, Plan, model_signature
-from flatten.recipe import RECIPES, input_rms_weights, pair_outputs, side
+from flatten.recipe import RECIPES, SELECTIONS, input_rms_weights, pair_outputs, side
 from flatten.search import Search
 
 
@@ -33,7 +34,7 @@ FIT_TARGETS = ("pair", "dense")
 MAX_CURSORS = 8  # block boundaries whose calibration activations a compression keeps at most
 
 
-@register_strategy("flattengpt")
+@register_strategy("cut-absorb")
 class Flattener(Compressor):
     """Compresses ``model`` (in place) on ``calibration`` token ids (samples x sequence length).
 
@@ -41,14 +42,19 @@ class Flattener(Compressor):
         model, plan = flattener.compress(remove=6)      # or ratio=0.2: fraction of parameters
         plan.save("plan.json")
 
-    ``scorer`` and ``policy`` are registered names or instances. The policy plans the steps, each removing
-    one block: a merge (flatten two blocks, prune back), an absorb (a block's ``down_proj`` refitted to also
-    compute the next block) or a drop. The default, ``cut``, absorbs the contiguous run of blocks whose input
-    and output are closest; ``greedy`` is the paper's plan (merge the pairs of most similar inputs). The
-    scorer chooses what a merge keeps and compensates merges and absorbs (the default, ``reconstruction``, is
-    the paper's recipe with our additions; ``flattengpt`` is the paper's own); ``similarity`` names a measure
-    of ``flatten.criteria.SIMILARITIES`` (for the similarity policies). Every decision for a block is made on the activations that reach it
-    in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
+    The engine of every recipe that merges, absorbs or drops blocks; its defaults are the library's default
+    recipe (registered as ``cut-absorb``), and the other named recipes (``flattengpt``, the paper's;
+    ``cut-merge``) are it with other defaults (``RECIPES_BY_NAME``). ``scorer`` and ``policy`` are registered
+    names or instances. The policy plans the steps, each removing one block: a merge (flatten two blocks,
+    prune back), an absorb (a block's ``down_proj`` refitted to also compute the next block) or a drop. The
+    default, ``cut``, absorbs the contiguous run of blocks whose input and output are closest; ``greedy`` is
+    the paper's plan (merge the pairs of most similar inputs). The scorer chooses what a merge keeps and
+    compensates merges and absorbs (the default, ``reconstruction``, is the paper's recipe with our
+    additions; ``flattengpt`` is the paper's own); ``select="objective"`` lets the scorer's rankings propose
+    candidates and keeps the one whose block misses its target least, each block kept whole among them
+    (``flatten.recipe.merge_by_objective``). ``similarity`` names a measure of
+    ``flatten.criteria.SIMILARITIES`` (for the similarity policies). Every decision for a block is made on the
+    activations that reach it in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
     computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
     the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
@@ -84,8 +90,9 @@ class Flattener(Compressor):
     calibration data, options and number of blocks to remove, or it is refused.
     """
 
-    name = "flattengpt"
-    title = "FlattenGPT (Xu et al., arXiv 2602.08858)"
+    name = "cut-absorb"
+    title = ("cut-absorb: the contiguous run of blocks of least angular distance, each block absorbed into the "
+             "block before the run (down_proj refitted by least squares to the dense model)")
 
     def __init__(self, model: nn.Module, calibration: Tensor,
                  scorer: Annotated[str | ChannelScorer, "what a merge keeps and how it is refitted"] = "reconstruction",
@@ -99,7 +106,9 @@ class Flattener(Compressor):
                  one_block_fallback: Annotated[bool | str, "keep one block of a pair whole where that does better: "
                                                "reconstruction or loss"] = False,
                  token_weighting: Annotated[str, "none or input-rms: how each token's error counts"] = "none",
-                 fit_to: Annotated[str, "dense (the original model's activations) or pair: what refits fit"] = "dense"):
+                 fit_to: Annotated[str, "dense (the original model's activations) or pair: what refits fit"] = "dense",
+                 select: Annotated[str, "scorer (the scorer's choice, the paper) or objective (the scorer ranks; the "
+                                   "candidate that misses the target least, a whole block among them, is kept)"] = "scorer"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
@@ -114,6 +123,11 @@ class Flattener(Compressor):
         if fit_to not in FIT_TARGETS:
             raise ValueError(f"fit_to must be one of {', '.join(map(repr, FIT_TARGETS))}, got {fit_to!r}")
         self.fit_to = fit_to
+        if select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(map(repr, SELECTIONS))}, got {select!r}")
+        if select == "objective" and self.prune is not True:
+            raise ValueError(f"select='objective' chooses among pruned blocks; it does not go with prune={self.prune!r}")
+        self.select = select
         if checkpoint is not None and self.prune is not True:
             raise ValueError(f"wide blocks (prune={self.prune!r}) cannot be replayed from a plan: no checkpoint")
         if one_block_fallback and self.prune is not True:
@@ -236,7 +250,7 @@ class Flattener(Compressor):
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
                 "policy_config": repr(self.policy), "similarity": self.similarity_name, "prune": self.prune,
                 "one_block_fallback": self.one_block_fallback, "token_weighting": self.token_weighting,
-                "fit_to": self.fit_to,
+                "fit_to": self.fit_to, "select": self.select,
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
                                 "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
@@ -333,6 +347,7 @@ class Flattener(Compressor):
             with self.watch("targets: the two original blocks"):
                 first, pair_targets = pair_outputs(pair, hidden, calls, self.device)
         block, merge = RECIPES[self.prune](pair, self.scorer, hidden, calls, token_weights=weights, keep=keep,
+                                           select=self.select,
                                            targets=fit_targets if fit_targets is not None else pair_targets,
                                            device=self.device, watch=self.watch)
         merge.span, merge.similarity = span, similarity
@@ -382,6 +397,42 @@ class Flattener(Compressor):
             per_token = (token_rows(x).double() - token_rows(y).double()).square().sum(-1)
             total += float(per_token @ weights[i].to(per_token) if weights else per_token.sum())
         return total
+
+
+def _recipe(name: str, title: str, doc: str, **defaults) -> type[Flattener]:
+    """A ``Flattener`` registered as strategy ``name`` whose options default to ``defaults``."""
+    signature = inspect.signature(Flattener.__init__)
+    signature = signature.replace(parameters=[p.replace(default=defaults.pop(p.name, p.default))
+                                              for p in signature.parameters.values()])
+    if defaults:
+        raise TypeError(f"Flattener has no options {sorted(defaults)}")
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        Flattener.__init__(*bound.args, **bound.kwargs)
+
+    __init__.__signature__ = signature
+    cls = type(name.title().replace("-", ""), (Flattener,), {"__init__": __init__, "__doc__": doc, "name": name,
+                                                           "title": title, "__module__": __name__})
+    return register_strategy(name)(cls)
+
+
+FlattenGPT = _recipe(
+    "flattengpt", "FlattenGPT, the paper's recipe (Xu et al., arXiv 2602.08858): the most similar adjacent pairs "
+    "flattened and pruned back by the paper's scorer",
+    """The paper's recipe as published (docs/method.md maps each step to the code): merge, ``k`` times, the
+    adjacent spans whose inputs are most similar (cosine, measured once on the original model; ``greedy``),
+    KV groups by their heads' contribution norm, MLP channels by ridge leverage, ``down_proj`` refitted to
+    the wide MLP's own output (lambda 10 x the mean eigenvalue; the ``flattengpt`` scorer).""",
+    scorer="flattengpt", policy="greedy", similarity="cosine", fit_to="pair", select="scorer")
+CutMerge = _recipe(
+    "cut-merge", "cut-merge: the contiguous run of blocks of least angular distance, each block merged with the "
+    "block before it (flattened, pruned back by the candidate that misses the dense model least)",
+    """The cut's run, each block merged (flattened and pruned back) with the block before it; the scorer's
+    rankings propose the heads and channels kept, each block whole among the candidates, and the candidate
+    whose block misses the dense model's activations least is kept (``select="objective"``).""",
+    policy="cut-merge", select="objective")
 
 
 def _key(rows: slice) -> tuple[int, int]:

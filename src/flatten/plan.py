@@ -1,4 +1,4 @@
-"""A compression plan: every flattening decision, as data that saves, loads and re-applies."""
+"""A compression plan: every step (merge, absorb, drop), as data that saves, loads and re-applies."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def model_signature(model: nn.Module) -> dict:
 
 @dataclass
 class Merge:
-    """One flattening: blocks ``position`` and ``position + 1`` of the model at that moment (covering
-    original blocks ``span``, inclusive) became one block keeping these groups and channels."""
+    """One step: blocks ``position`` and ``position + 1`` of the model at that moment (covering original
+    blocks ``span``, inclusive) became one block keeping these groups and channels of their flattened pair:
+    of both blocks (a merge), or of one (an absorb, with refitted writers, or a drop)."""
 
     position: int
     span: tuple[int, int]
@@ -35,6 +36,7 @@ class Merge:
     keep_channels: list[int]
     o_proj: Tensor | None = None
     down_proj: Tensor | None = None
+    selection: dict | None = None  # merge_by_objective: the candidates chosen and every candidate's residual
 
     def kept(self, num_kv_heads: int, intermediate_size: int) -> str:
         """``"both"`` for a flattening; ``"first"`` or ``"second"`` where the merge kept one block's heads and
@@ -70,34 +72,51 @@ class Plan:
             spans = [s for s in spans if not (merge.span[0] <= s[0] and s[1] <= merge.span[1])] + [tuple(merge.span)]
         return sorted(spans)
 
-    def removed_blocks(self) -> dict[str, list[tuple[int, int]]]:
-        """The spans of original blocks (single blocks, unless merged before) that a merge removed whole,
-        keeping the other block of its pair: ``"dropped"`` as they were, ``"absorbed"`` where the kept block
-        was fitted to compute what the two computed."""
+    def steps(self) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """Each merge as ``(kind, kept, removed)`` in original block indices: ``"merged"`` (flattened and pruned
+        back, groups or channels of both blocks kept; ``kept`` and ``removed`` are the two spans, now one
+        block), ``"absorbed"`` (one block's groups and channels kept, its writers refitted to compute what the
+        two computed) or ``"dropped"`` (one block kept as it was)."""
         groups, channels = self.model["num_kv_heads"], self.model["intermediate_size"]
         blocks = [(i, i) for i in range(self.model["num_layers"])]
-        removed = {"dropped": [], "absorbed": []}
+        steps = []
         for merge in self.merges:
             p = merge.position
+            first, second = blocks[p], blocks[p + 1]
             side = merge.kept(groups, channels)
-            if side != "both":
-                how = "dropped" if merge.o_proj is None and merge.down_proj is None else "absorbed"
-                removed[how].append(blocks[p + 1] if side == "first" else blocks[p])
-            blocks[p : p + 2] = [(blocks[p][0], blocks[p + 1][1])]
+            if side == "both":
+                steps.append(("merged", first, second))
+            else:
+                kind = "dropped" if merge.o_proj is None and merge.down_proj is None else "absorbed"
+                steps.append((kind, first, second) if side == "first" else (kind, second, first))
+            blocks[p : p + 2] = [(first[0], second[1])]
+        return steps
+
+    def removed_blocks(self) -> dict[str, list[tuple[int, int]]]:
+        """The spans of original blocks that a step removed whole, keeping the other block of its pair:
+        ``"dropped"`` as they were, ``"absorbed"`` where the kept block was fitted to compute what the two
+        computed."""
+        removed = {"dropped": [], "absorbed": []}
+        for kind, _, gone in self.steps():
+            if kind != "merged":
+                removed[kind].append(gone)
         return {how: sorted(spans) for how, spans in removed.items()}
 
     def describe(self) -> str:
-        """What was done, in a few words."""
-        removed = self.removed_blocks()
-        whole = [span for spans in removed.values() for span in spans]
-        flattened = [f"{a}-{c}" for a, c in self.spans
-                     if sum(c2 - a2 + 1 for a2, c2 in whole if a <= a2 and c2 <= c) < c - a]
-        words = ["flattened spans " + " ".join(flattened)] if flattened else []
-        for how, spans in removed.items():
-            if spans:
-                words.append(f"{how} blocks " + " ".join(str(a) if a == c else f"{a}-{c}" for a, c in spans))
+        """What was done, block by block (original indices), e.g. ``merged 12+13; absorbed 14 into 12-13``."""
+        def name(span):
+            return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
+
+        words = [f"merged {name(a)}+{name(b)}" if kind == "merged" else
+                 f"absorbed {name(b)} into {name(a)}" if kind == "absorbed" else f"dropped {name(b)}"
+                 for kind, a, b in self.steps()]
         how = ", ".join(f"{key} {self.method[key]}" for key in ("scorer", "policy") if key in self.method)
         return "; ".join(words) + (f" ({how})" if how else "")
+
+    def counts(self) -> dict[str, int]:
+        """How many steps merged, absorbed and dropped a block."""
+        kinds = [kind for kind, _, _ in self.steps()]
+        return {kind: kinds.count(kind) for kind in ("merged", "absorbed", "dropped")}
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Replay the plan on a fresh copy of the model it was made for (in place); return the model."""
@@ -123,7 +142,8 @@ class Plan:
             "format": FORMAT, "model": self.model, "method": self.method, "similarity": self.similarity,
             "weights": weights.name if tensors else None,
             "merges": [{"position": m.position, "span": list(m.span), "similarity": m.similarity,
-                        "keep_groups": list(m.keep_groups), "keep_channels": list(m.keep_channels)} for m in self.merges],
+                        "keep_groups": list(m.keep_groups), "keep_channels": list(m.keep_channels),
+                        **({"selection": m.selection} if m.selection is not None else {})} for m in self.merges],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         previous = _weights_named_by(path)
@@ -155,11 +175,18 @@ class Plan:
         try:
             merges = [Merge(int(m["position"]), (int(m["span"][0]), int(m["span"][1])), m["similarity"],
                             [int(g) for g in m["keep_groups"]], [int(c) for c in m["keep_channels"]],
-                            tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"))
+                            tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"),
+                            _selection(m.get("selection")))
                       for i, m in enumerate(document["merges"])]
             return cls(dict(document["model"]), document.get("method", {}), document.get("similarity"), merges)
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
             raise ValueError(f"{path} is a malformed plan: {error!r}") from None
+
+
+def _selection(value) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"a merge's selection must be an object, got {value!r}")
+    return value
 
 
 def _weights_named_by(path: Path) -> Path | None:

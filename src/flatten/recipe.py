@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flatten.calibration import attention_stats, mlp_stats, on_device, run_block, token_rows
-from flatten.criteria.scorers import ChannelScorer, Choice
+from flatten.criteria.scorers import ChannelScorer, Choice, refit_residual, top
 from flatten.dispatch import device_of
 from flatten.merge import select_block
 from flatten.pair import BlockPair
@@ -102,20 +102,30 @@ class _Recipe:
                      None if channels.weight is None else channels.weight.to(self.home))
 
 
+SELECTIONS = ("scorer", "objective")
+
+
 def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
-               targets: list[Tensor] | None = None, keep: str | None = None,
+               targets: list[Tensor] | None = None, keep: str | None = None, select: str = "scorer",
                token_weights: list[Tensor] | None = None, device=None, watch=None) -> tuple[nn.Module, Merge]:
     """The block that would replace ``pair`` and its ``Merge`` record; the model is not changed.
 
     ``hidden`` and ``calls``: the pair's input on the calibration batches and the other arguments of its
-    layers. The scorer chooses the KV groups kept and refits ``o_proj``, then, on the activations of the
-    attention so pruned, the MLP channels kept and the ``down_proj`` refit to ``targets`` (default: what the
-    two blocks compute one after the other). ``keep="first"`` or ``"second"`` keeps that block's groups and
-    channels: its attention as it was, its ``down_proj`` refitted (it absorbs the other block).
-    ``token_weights``: per token, how much its error counts. ``device``: where the work is done. ``watch``: a
-    ``Stopwatch`` the phases are timed in. The record's span is that of a pair of single blocks."""
+    layers. With ``select="scorer"`` (the paper) the scorer chooses the KV groups kept and refits ``o_proj``,
+    then, on the activations of the attention so pruned, the MLP channels kept and the ``down_proj`` refit to
+    ``targets`` (default: what the two blocks compute one after the other). With ``select="objective"`` the
+    scorer's rankings propose candidates, among them each block kept whole, and the one whose block misses
+    ``targets`` least on the calibration tokens is kept (``merge_by_objective``). ``keep="first"`` or
+    ``"second"`` keeps that block's groups and channels: its attention as it was, its ``down_proj`` refitted
+    (it absorbs the other block). ``token_weights``: per token, how much its error counts. ``device``: where
+    the work is done. ``watch``: a ``Stopwatch`` the phases are timed in. The record's span is that of a pair
+    of single blocks."""
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
     wide = recipe.wide()
+    if select == "objective" and keep is None:
+        return merge_by_objective(recipe, wide, targets)
     groups = recipe.groups(wide, keep)
     half = recipe.half(wide, groups)
     channels = recipe.channels(half, targets, keep)
@@ -123,6 +133,81 @@ def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], cal
     merge = recipe.record(groups, channels)
     with recipe.watch("flatten and prune"):
         block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
+    return block.to(recipe.home), merge
+
+
+def _within_halves(scores: Tensor, count: int, from_second: int) -> Tensor:
+    """The ``count - from_second`` best-scored of the first half of a wide block's groups or channels and the
+    ``from_second`` best of its second half, as sorted indices of the wide block."""
+    half = scores.numel() // 2
+    first = top(scores[:half], count - from_second) if from_second < count else torch.zeros(0, dtype=torch.long)
+    second = top(scores[half:], from_second) + half if from_second else torch.zeros(0, dtype=torch.long)
+    return torch.cat([first, second])
+
+
+def _candidates(scores: Tensor, count: int, mixes: list[int]) -> dict[str, Tensor]:
+    """Named selections of ``count`` of the ``2 count`` groups or channels of a wide block: each block
+    whole, the ``count`` best by ``scores`` over both, and ``count - j`` of the first block with ``j`` of the
+    second, each the best of its block by ``scores``, for ``j`` in ``mixes``. Duplicates are left out."""
+    found = {"block 1 whole": side("first", count), "block 2 whole": side("second", count),
+             "best of both": top(scores, count)}
+    found.update({f"{count - j} + {j}": _within_halves(scores, count, j) for j in mixes})
+    unique: dict[str, Tensor] = {}
+    for name, keep in found.items():
+        if not any(torch.equal(keep, other) for other in unique.values()):
+            unique[name] = keep
+    return unique
+
+
+def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] | None) -> tuple[nn.Module, Merge]:
+    """The pruned block, of candidate selections, whose output misses ``targets`` least on the calibration
+    tokens (``refit_residual``; default target: what the two blocks compute one after the other).
+
+    The scorer ranks; the objective decides. KV-group candidates: each block's groups as they are (no
+    ``o_proj`` refit), the scorer's own choice, and every split of the kept groups between the two blocks
+    (each block's best by the scorer's group scores, ``o_proj`` compensated by the scorer). For each, the MLP
+    statistics on the attention so pruned, and channel candidates: each block's channels, the best by the
+    scorer's channel scores over both blocks and splits of a quarter, half and three quarters from the
+    second block, each ``down_proj`` compensated by the scorer. "Block 1 whole" for both is exactly what
+    ``keep="first"`` builds (the absorb), so the result never misses the target by more than the absorb does."""
+    g, f = recipe.want.num_kv_heads, recipe.want.intermediate_size
+    if targets is None:
+        with recipe.watch("targets: the two original blocks"):
+            targets = pair_outputs(recipe.pair, recipe.hidden, recipe.calls, recipe.device)[1]
+    shape = recipe.arch.block_shape(wide, recipe.config)
+    with recipe.watch("attention statistics"):
+        attention = attention_stats(wide, recipe.arch, shape, recipe.hidden, recipe.calls, recipe.weights)
+    with recipe.watch("selection and refits"):
+        own = recipe.scorer.select_groups(attention, g)
+        ranks = recipe.scorer.score_groups(attention).double().cpu()  # indices stay on the CPU, as side()'s
+        groups = {name: Choice(keep, None if name.startswith("block") else recipe.scorer.compensate_groups(attention, keep))
+                  for name, keep in _candidates(ranks, g, list(range(1, g))).items()}
+        same = [name for name, c in groups.items()
+                if torch.equal(own.keep.cpu(), c.keep) and (own.weight is None) == (c.weight is None)]
+        first = same[0] if same else "scorer's choice"
+        groups = {first: groups.get(first, own), **{name: c for name, c in groups.items() if name != first}}
+    channel_scores, best, residuals = None, None, {}
+    for group_name, group in groups.items():
+        half = recipe.half(wide, group)
+        with recipe.watch("MLP statistics"):
+            stats = mlp_stats(half, recipe.arch, recipe.arch.block_shape(half, recipe.config), recipe.hidden,
+                              recipe.calls, targets, recipe.weights)
+        del half
+        with recipe.watch("selection and refits"):
+            if channel_scores is None:  # ranked once, with the scorer's own choice of groups
+                channel_scores = recipe.scorer.score_channels(stats).double().cpu()
+            for channel_name, keep in _candidates(channel_scores, f, [f // 4, f // 2, f - f // 4]).items():
+                weight = recipe.scorer.compensate_channels(stats, keep)
+                residual = refit_residual(stats, keep, weight)
+                residuals[f"{group_name} / {channel_name}"] = residual
+                if best is None or residual < best[0]:
+                    best = residual, group_name, group, channel_name, Choice(keep, weight)
+        del stats
+    _, group_name, group, channel_name, channels = best
+    merge = recipe.record(group, channels)
+    merge.selection = {"groups": group_name, "channels": channel_name, "residuals": residuals}
+    with recipe.watch("flatten and prune"):
+        block = recipe.pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
     return block.to(recipe.home), merge
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -148,7 +149,7 @@ def protocol_lines(record: RunRecord) -> list[str]:
 
 
 def similarity_heatmap(similarity, spans: list[tuple[int, int]], path: str | Path, title: str = "") -> Path | None:
-    """Draw the block-input similarity matrix with the flattened spans outlined, as a PNG at ``path``.
+    """Draw the block-input similarity matrix with the spans made one block outlined, as a PNG at ``path``.
     Returns None (and draws nothing) when matplotlib is not installed: ``pip install 'flatten-gpt[plot]'``."""
     try:
         import matplotlib
@@ -170,7 +171,7 @@ def similarity_heatmap(similarity, spans: list[tuple[int, int]], path: str | Pat
     step = max(1, count // 15)
     ax.set_xticks(range(0, count, step))
     ax.set_yticks(range(0, count, step))
-    ax.set_title(title or "block-input similarity; flattened spans in red", fontsize=9)
+    ax.set_title(title or "block-input similarity; spans made one block in red", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -202,6 +203,20 @@ def cut_plot(distances, run: tuple[int, int], path: str | Path, title: str = "")
     return path
 
 
+STEP_WORDS = {
+    "merged": "Merged: two blocks flattened into one of double width (their attention heads and MLP channels "
+              "side by side), then pruned back to the original width, keeping heads or channels of both.",
+    "absorbed": "Absorbed: a block removed, and the block kept in its place refitted (its `down_proj` by least "
+                "squares) to compute what the two blocks computed.",
+    "dropped": "Dropped: a block removed, the blocks around it unchanged.",
+}
+
+
+def step_counts(what: str) -> str:
+    """``"2 merged, 4 absorbed"``: the steps a plan's description names, by kind."""
+    return ", ".join(f"{n} {kind}" for kind in STEP_WORDS if (n := len(re.findall(rf"\b{kind}\b", what))))
+
+
 def model_card(record: RunRecord) -> str:
     """A README.md for the compressed checkpoint: what it is, how it was made, how it was measured."""
     method, calibration = record.method, record.calibration
@@ -209,7 +224,7 @@ def model_card(record: RunRecord) -> str:
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [flatten, flattengpt, depth-compression, pruning]",
+        "tags: [flatten, depth-compression, pruning]",
         "---",
         "",
         f"# {record.name}",
@@ -223,9 +238,10 @@ def model_card(record: RunRecord) -> str:
         "## How it was made",
         "",
         f"- What was done (block indices of the original model): {record.what}.",
-        *([f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), pair policy `{method['policy']}`, "
-           f"similarity `{method['similarity']}`. Each flattened span became one block: the blocks' attention heads "
-           "and MLP channels side by side, then pruned back to the original width."] if "policy" in method else []),
+        *([f"- Scorer `{method['scorer']}` (`{method.get('scorer_config')}`), policy `{method['policy']}`, "
+           f"similarity `{method['similarity']}`, selection `{method.get('select', 'scorer')}`."]
+          if "policy" in method else []),
+        *[f"- {STEP_WORDS[kind]}" for kind in STEP_WORDS if re.search(rf"\b{kind}\b", record.what)],
         f"- Calibration: {calibration['samples']} x {calibration['seq_len']} tokens of "
         f"{calibration['source']}.",
         f"- Every decision is in `{record.decisions}`; the full record of the run is `{RUN_RECORD}`.",
@@ -262,7 +278,8 @@ def write_report(folder: str | Path, record: RunRecord, decisions) -> list[str]:
     decisions.save(folder / record.decisions)
     similarity, spans = getattr(decisions, "similarity", None), getattr(decisions, "spans", None)
     if similarity is not None and similarity_heatmap(similarity, spans or [], folder / "similarity.png",
-                                                     f"{record.base_model}: block-input similarity, flattened spans in red"):
+                                                     f"{record.base_model}: block-input similarity; red: spans "
+                                                     f"made one block ({step_counts(record.what)})"):
         figures.append("similarity.png")
     cut = decisions.method.get("cut_distances")
     if cut is not None and spans and cut_plot(cut, (spans[0][0] + 1, spans[0][1]), folder / "cut.png",

@@ -13,6 +13,7 @@ policy returns one step and is asked again on the changed model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -149,10 +150,10 @@ class OneShot(PairPolicy):
 class GreedySimilarity(OneShot):
     """The paper's greedy merge: the adjacent groups whose merged span ``a..c`` has the most similar
     first and last block inputs, ``S[a, c]``, with ``S`` measured once on the original model. Ties go to the
-    lower blocks. ``keep_last=n``: merge none of the last ``n`` blocks while other pairs are left (default 1;
-    the paper's is 0): the input similarity does not see what the last block does to the output."""
+    lower blocks. ``keep_last=n``: merge none of the last ``n`` blocks while other pairs are left (default 0,
+    the paper's): the input similarity does not see what the last block does to the output."""
 
-    def __init__(self, keep_last: int = 1):
+    def __init__(self, keep_last: int = 0):
         self.keep_last = check_int("keep_last", keep_last, 0)
 
     def next_merge(self, similarity: Tensor, groups: list[Span]) -> int:
@@ -272,15 +273,21 @@ class ContiguousCut(PairPolicy):
     ``Flattener(fit_to="dense")``, what the original model computed at the end of the run so far). With
     ``merges=True`` each step also tries flattening the two blocks instead (the scorer chooses the heads and
     channels kept) and takes whichever gives the lower loss on the first ``search_samples`` calibration
-    sequences (``SearchState.trial_losses``)."""
+    sequences (``SearchState.trial_losses``). ``step="merge"``: each block of the run is merged (flattened and
+    pruned back) with the block before it instead, which with ``Flattener(select="objective")`` keeps whichever
+    of the merge's candidates, the absorb among them, misses the run's output least."""
 
-    def __init__(self, tokens: str = "last", merges: bool = False, search_samples: int = 4):
+    def __init__(self, tokens: str = "last", merges: bool = False, search_samples: int = 4, step: str = "absorb"):
         if tokens not in ("all", "last"):
             raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
         if not isinstance(merges, (bool, int)):
             raise ValueError(f"merges must be True or False, got {merges!r}")
+        if step not in ("absorb", "merge"):
+            raise ValueError(f"step must be 'absorb' or 'merge', got {step!r}")
+        if merges and step == "merge":
+            raise ValueError("merges=True tries a merge beside each absorb; with step='merge' every step merges already")
         check_int("search_samples", search_samples)
-        self.tokens, self.merges, self.search_samples = tokens, bool(merges), search_samples
+        self.tokens, self.merges, self.search_samples, self.step = tokens, bool(merges), search_samples, step
 
     @property
     def adaptive(self) -> bool:
@@ -307,6 +314,8 @@ class ContiguousCut(PairPolicy):
 
     def next_steps(self, state: SearchState) -> list[Step]:
         s = self.start(state)
+        if self.step == "merge":
+            return [Step("merge", s - 1)] * state.remaining
         if not self.merges:
             return [Step("absorb", s)] * state.remaining
         steps = [Step("absorb", s), Step("merge", s - 1)]
@@ -327,6 +336,7 @@ register_policy("greedy-recompute", GreedyRecompute)
 register_policy("fixed", FixedSpans)
 register_policy("loss-search", LossSearch)
 register_policy("cut", ContiguousCut)
+register_policy("cut-merge", functools.partial(ContiguousCut, step="merge"))
 register_policy("trial-loss", lambda search_samples=4, shortlist=None, keep_last=0:
                 LossSearch(search_samples, merges=shortlist, absorbs=0, drops=0, keep_last=keep_last))
 

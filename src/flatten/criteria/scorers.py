@@ -48,6 +48,18 @@ def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge
     return solved.T.to(weight.dtype)
 
 
+def refit_residual(stats: MlpStats, keep: Tensor, weight: Tensor | None) -> float:
+    """``sum_t ||psi_S,t W^T - (y_true,t - u'_t)||^2``: what a block whose MLP keeps channels ``keep`` with
+    ``down_proj`` weight ``weight`` (out x |keep|; None: the wide block's own columns) misses of its target on
+    the calibration tokens, from ``stats`` gathered with a target (``target_cross``, ``target_energy``). It is
+    the squared distance of the block's output from the target, the objective the refits minimise."""
+    if stats.target_cross is None or stats.target_energy is None:
+        raise ValueError("the residual needs MLP statistics gathered with a target")
+    w = (stats.weights["down"][:, keep] if weight is None else weight).double().T  # |keep| x out
+    g = stats.gram[keep][:, keep]
+    return stats.target_energy - 2 * float((w * stats.target_cross[keep]).sum()) + float((w * (g @ w)).sum())
+
+
 def ridge_leverage(gram: Tensor, ridge: float, block: int = 1024) -> Tensor:
     """``diag(C (C + lam I)^-1) = 1 - lam diag((C + lam I)^-1)``, ``lam = ridge * mean eigenvalue``.
 

@@ -28,10 +28,10 @@ def build_block(template: nn.Module, arch: Architecture, config, shape: BlockSha
     return block.train(template.training)
 
 
-def _state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
-    """The block's tensors by name (offloaded ones loaded), failing on any tensor the architecture description
-    does not cover."""
-    state = weights_of(block)
+def _state(block: nn.Module, arch: Architecture, device: torch.device | None = None) -> dict[str, Tensor]:
+    """The block's tensors by name (offloaded ones loaded), all on ``device`` (default: where the block computes),
+    failing on any tensor the architecture description does not cover."""
+    state = weights_of(block, device)
     covered = {f"{path}.{kind}" for path in arch.norms + arch.attn_readers + arch.mlp_readers + arch.writers
                for kind in ("weight", "bias")}
     unknown = sorted(set(state) - covered)
@@ -43,13 +43,14 @@ def _state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
     return state
 
 
-def folded_state(block: nn.Module, arch: Architecture) -> dict[str, Tensor]:
-    """The block's tensors with each norm's per-channel factor folded into the projections that read it.
+def folded_state(block: nn.Module, arch: Architecture, device: torch.device | None = None) -> dict[str, Tensor]:
+    """The block's tensors with each norm's per-channel factor folded into the projections that read it, on
+    ``device`` (default: where the block computes).
 
     ``W <- W * gamma`` (input columns), then the norm's factor becomes 1: an exact rewrite of the block.
     """
     arch.check_block(block)
-    state = {name: t.clone() for name, t in _state(block, arch).items()}
+    state = {name: t.clone() for name, t in _state(block, arch, device).items()}
     for norm, readers in ((arch.attn_norm, arch.attn_readers), (arch.mlp_norm, arch.mlp_readers)):
         gamma = arch.norm_scale(state[f"{norm}.weight"])
         for reader in readers:
@@ -76,14 +77,17 @@ def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, conf
     """One wide block computing ``u = x + A1(N1 x) + A2(N2 x)``, ``y = u + M1(N1' u) + M2(N2' u)``.
 
     Heads are concatenated as "all of ``first``, then all of ``second``", so KV head ``j`` keeps serving
-    query heads ``j*G .. j*G+G-1`` and stock GQA code computes the wide block correctly.
+    query heads ``j*G .. j*G+G-1`` and stock GQA code computes the wide block correctly. The wide block is
+    built where ``first`` computes; ``second``'s weights are read onto that device (the blocks of a model
+    dispatched by accelerate may live on different devices, or offloaded to CPU memory or disk).
     """
     if type(first) is not type(second):
         raise TypeError(f"cannot flatten a {type(first).__name__} with a {type(second).__name__}")
     shape_a, shape_b = arch.block_shape(first, config), arch.block_shape(second, config)
     if shape_a != shape_b:
         raise ValueError(f"blocks of different shapes cannot be flattened: {shape_a} vs {shape_b}")
-    a, b = folded_state(first, arch), folded_state(second, arch)
+    a = folded_state(first, arch)
+    b = folded_state(second, arch, next(iter(a.values())).device)
     for name in a:
         if name in b and a[name].dtype != b[name].dtype:
             raise ValueError(f"{name} has dtype {a[name].dtype} in one block and {b[name].dtype} in the other")

@@ -1,0 +1,77 @@
+"""A merge chosen by its objective (``select="objective"``) never misses its target by more than the absorb
+(keeping the first block whole, its ``down_proj`` refitted) that is among its candidates."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flatten import BlockPair, Flattener, get_scorer
+from flatten.calibration import capture, run_block
+from flatten.criteria import SCORERS, get_policy
+from flatten.recipe import merge_pair, pair_outputs
+from tiny import TinySpec, tiny_model, tiny_specs
+
+
+def _pair_inputs(model, position, calibration):
+    pair = BlockPair(model, position)
+    inputs = capture(model, pair.arch, list(calibration.split(2)))
+    hidden = inputs.hidden
+    for i in range(position):
+        hidden = run_block(pair.arch.layers_of(model)[i], hidden, inputs.calls[i])
+    return pair, hidden, inputs.calls[position]
+
+
+def _missed(block, hidden, calls, targets) -> float:
+    """``sum ||block(x) - target||^2`` over the calibration tokens."""
+    return sum(float((y.double() - t.double()).square().sum())
+               for y, t in zip(run_block(block, hidden, calls), targets))
+
+
+@settings(max_examples=12, deadline=None)
+@given(spec=tiny_specs(dtypes=(torch.float64,), num_layers=st.integers(2, 4)),
+       scorer=st.sampled_from(SCORERS.names()), data=st.data())
+def test_the_objective_merge_never_misses_the_target_more_than_the_absorb(spec, scorer, data):
+    model = tiny_model(spec)
+    position = data.draw(st.integers(0, spec.num_layers - 2))
+    calibration = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(spec.seed))
+    pair, hidden, calls = _pair_inputs(model, position, calibration)
+    targets = pair_outputs(pair, hidden, calls, None)[1]
+    absorb, _ = merge_pair(pair, get_scorer(scorer), hidden, calls, targets=targets, keep="first")
+    chosen, merge = merge_pair(pair, get_scorer(scorer), hidden, calls, targets=targets, select="objective")
+
+    missed_absorb, missed_chosen = _missed(absorb, hidden, calls, targets), _missed(chosen, hidden, calls, targets)
+    # float64 models: float64 statistics
+    assert missed_chosen <= missed_absorb * (1 + 1e-9) + 1e-12
+    # the statistics' residual is the distance of the block's output from the target
+    residuals = merge.selection["residuals"]
+    assert residuals["block 1 whole / block 1 whole"] == pytest.approx(missed_absorb, rel=1e-9, abs=1e-12)
+    picked = residuals[f"{merge.selection['groups']} / {merge.selection['channels']}"]
+    assert picked == min(residuals.values())
+    assert picked == pytest.approx(missed_chosen, rel=1e-9, abs=1e-12)
+    assert len(BlockPair(model, position).model.model.layers) == spec.num_layers  # the model is unchanged
+
+
+def test_the_objective_takes_the_absorb_where_the_second_block_does_nothing():
+    """With the second block's writers zeroed, the pair computes what the first block does: keeping the first
+    block whole reproduces it exactly, so the objective chooses it (and records an absorb)."""
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=3, dtype=torch.float64)
+    model = tiny_model(spec)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    calibration = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(3))
+    pair, hidden, calls = _pair_inputs(model, 0, calibration)
+    _, merge = merge_pair(pair, get_scorer("reconstruction"), hidden, calls, select="objective")
+    assert merge.kept(2, 16) == "first"
+    assert min(merge.selection["residuals"].values()) < 1e-12 * max(merge.selection["residuals"].values())
+
+
+def test_the_cut_merges_with_the_objective_and_the_plan_replays():
+    spec = TinySpec("qwen2", 2, 2, 2, 4, 12, num_layers=6, bias=True, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(4))
+    model, plan = Flattener(tiny_model(spec), calibration, batch_size=2, progress=False, select="objective",
+                            policy=get_policy("cut", step="merge")).compress(remove=2)
+    assert len(model.model.layers) == 4
+    assert all(m.selection is not None for m in plan.merges)
+    torch.testing.assert_close(plan.apply(tiny_model(spec))(calibration).logits, model(calibration).logits)
