@@ -1,6 +1,6 @@
 """Turn the results of ``compare.py`` (JSON files under ``benchmarks/results/``) into the tables of RESULTS.md.
 
-    python benchmarks/render_results.py            # rewrite the generated region of benchmarks/RESULTS.md
+    python benchmarks/render_results.py            # rewrite the generated regions of RESULTS.md and README.md
     python benchmarks/render_results.py --check    # exit 1 if it is not what the JSON files give
 
 Only the lines between ``<!-- generated: begin -->`` and ``<!-- generated: end -->`` change (the markers are
@@ -9,7 +9,9 @@ the file stays as it is. One table per JSON file, newest first: model, removal, 
 the machine above it; perplexity on the validation texts (``val:`` columns, on which defaults are chosen), then
 on the test texts (``test:`` columns, which chose nothing); the lowest perplexity of the compressed models in
 bold per text and per (calibration, removal); and below it, each method's perplexity over that of the best
-baseline per test text. Rendering is deterministic: running it twice gives the same file.
+baseline per test text. The README's region between ``<!-- generated: headline begin -->`` and ``<!-- generated:
+headline end -->`` gets, per model, the test columns of the newest complete result that holds a baseline.
+Rendering is deterministic: running it twice gives the same files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
+README_BEGIN, README_END = "<!-- generated: headline begin -->", "<!-- generated: headline end -->"
 NOTE = ("<!-- Written by benchmarks/render_results.py from benchmarks/results/*.json (compare.py writes them): "
         "edit those and run it again, not these lines. -->")
 SECTION = "## Quality"  # the markers go at the top of the section whose heading starts so
@@ -193,15 +196,45 @@ def render(results: list[tuple[str, dict]]) -> list[str]:
     return lines + [END]
 
 
-def update(text: str, region: list[str]) -> str:
+def headline(results: list[tuple[str, dict]]) -> list[str]:
+    """The README's region: per model, the newest complete result that holds a baseline, its test texts only,
+    and the rows of each strategy as registered (no option) and of the baselines as run."""
+    lines, seen = [README_BEGIN, NOTE, ""], set()
+    for name, result in results:
+        model = result["model"]["name"]
+        tests = [t for t in result["texts"] if t.get("role") == "test"]
+        if model in seen or not result.get("complete") or not tests or \
+                not any(is_baseline(r["method"]) for r in result["rows"]):
+            continue
+        seen.add(model)
+        rows = [r for r in result["rows"] if ":" not in r["method"] or is_baseline(r["method"])]
+        calibration = result["calibrations"][0]
+        lines += [f"{model}, {','.join(map(str, result['remove']))} of {result['model']['layers']} blocks removed, "
+                  f"calibrated on {calibration['samples']} x {calibration['seq_len']} tokens of "
+                  f"`{calibration['name']}`, {result['evaluation']['windows']} windows of "
+                  f"{result['evaluation']['seq_len']} tokens per text, on {result.get('device', 'cpu')} "
+                  f"(`benchmarks/results/{name}`; its validation columns and every variant are in RESULTS.md):", "",
+                  "| method | " + " | ".join(t["name"] for t in tests) + " | compress s | what it did |",
+                  "|---|" + "---|" * (len(tests) + 2)]
+        bold = _best(_groups(rows), tests)
+        for row in rows:
+            cells = [(lambda v: f"**{v}**" if (id(row), t["name"]) in bold else v)(
+                _number(row["perplexity"].get(t["name"]), 2)) for t in tests]
+            lines.append(f"| {_cell(row['method'])} | " + " | ".join(cells)
+                         + f" | {_number(row.get('compress_seconds'), 1)} | {_cell(row.get('what'))} |")
+        lines += ["", *ratio_lines({**result, "rows": rows}), ""]
+    return lines + [README_END]
+
+
+def update(text: str, region: list[str], begin: str = BEGIN, end: str = END) -> str:
     """``text`` with the lines between the markers (markers included) replaced by ``region``; where there are no
     markers, ``region`` goes before the first subsection of the section "## Quality ..."."""
     lines = text.split("\n")
-    if BEGIN in lines or END in lines:
-        if not (BEGIN in lines and END in lines and lines.index(BEGIN) < lines.index(END)):
-            raise ValueError(f"the markers {BEGIN} and {END} must both be there, in that order")
-        start, end = lines.index(BEGIN), lines.index(END)
-        return "\n".join(lines[:start] + region + lines[end + 1 :])
+    if begin in lines or end in lines:
+        if not (begin in lines and end in lines and lines.index(begin) < lines.index(end)):
+            raise ValueError(f"the markers {begin} and {end} must both be there, in that order")
+        start, stop = lines.index(begin), lines.index(end)
+        return "\n".join(lines[:start] + region + lines[stop + 1 :])
     heading = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
     if heading is None:
         raise ValueError(f"no section '{SECTION} ...' to put the generated tables in; add the lines {BEGIN} and "
@@ -215,18 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(HERE / "results"), help="folder of JSON files (default: %(default)s)")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="the file to rewrite (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    parser.add_argument("--readme", default=None, help="a README whose headline region (between its markers) is "
+                        "rewritten too (default: the project's README.md, unless --out names another file)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    before = out.read_text(encoding="utf-8")
     results = load_results(Path(args.results))
-    after = update(before, render(results))
-    if args.check:
-        print(f"{out}: {'up to date' if after == before else 'out of date; run benchmarks/render_results.py'}")
-        return int(after != before)
-    if after != before:
-        out.write_text(after, encoding="utf-8")
-    print(f"{out}: {len(results)} result file(s), {'rewritten' if after != before else 'unchanged'}")
-    return 0
+    readme = args.readme or (HERE.parent / "README.md" if Path(args.out) == HERE / "RESULTS.md" else None)
+    targets = [(Path(args.out), render(results), (BEGIN, END))]
+    if readme is not None:
+        targets.append((Path(readme), headline(results), (README_BEGIN, README_END)))
+    stale = 0
+    for out, region, markers in targets:
+        before = out.read_text(encoding="utf-8")
+        after = update(before, region, *markers)
+        stale += after != before
+        if args.check:
+            print(f"{out}: {'up to date' if after == before else 'out of date; run benchmarks/render_results.py'}")
+        elif after != before:
+            out.write_text(after, encoding="utf-8")
+        if not args.check:
+            print(f"{out}: {len(results)} result file(s), {'rewritten' if after != before else 'unchanged'}")
+    return int(args.check and stale > 0)
 
 
 if __name__ == "__main__":
