@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from flatten.architectures import architecture_for
+from flatten.files import write_folder_atomically
 
 
 def check_stock(model: nn.Module) -> None:
@@ -40,21 +39,14 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, *, ov
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if extras is not None:
             extras(staging)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            staging.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    # beside out_dir, renamed into place; with the modes the umask gives (see flatten.files)
+    write_folder_atomically(out_dir, write)
     return out_dir
