@@ -107,13 +107,32 @@ def test_a_scorer_subclass_defined_here_is_used_by_the_flattener():
 
     try:
         model = tiny_model(SPEC)
-        _, plan = Flattener(model, _calibration(), scorer="test-last-channels", policy="greedy", progress=False).compress(remove=2)
+        _, plan = Flattener(model, _calibration(), scorer="test-last-channels", policy="greedy", select="scorer",
+                            progress=False).compress(remove=2)
+        calls.update(groups=0, channels=0)
+        _, ranked = Flattener(tiny_model(SPEC), _calibration(), scorer="test-last-channels", policy="greedy",
+                              progress=False).compress(remove=2)  # select="objective": it ranks, the objective decides
     finally:
         SCORERS.unregister("test-last-channels")
-    assert calls == {"groups": 2, "channels": 2}
     for merge in plan.merges:
         assert merge.keep_groups == [2, 3] and merge.keep_channels == list(range(12, 24))
         assert merge.o_proj is None and merge.down_proj is None
+    assert calls["groups"] >= 2 and calls["channels"] == 2  # channels ranked once per merge
+    for merge in ranked.merges:
+        assert "1 + 1 / 9 + 3" in merge.selection["residuals"]  # its best of each block: 1 group, 3 of 12 channels
+        assert merge.selection["residuals"][f"{merge.selection['groups']} / {merge.selection['channels']}"] == \
+            min(merge.selection["residuals"].values())
+
+
+def test_a_scorer_that_chooses_its_own_channels_is_a_candidate_of_the_objective():
+    class EveryOther(ChannelScorer):
+        def select_channels(self, stats, keep):
+            from flatten.criteria import Choice
+            return Choice(torch.arange(0, 2 * keep, 2))
+
+    _, plan = Flattener(tiny_model(SPEC), _calibration(), scorer=EveryOther(), policy="greedy",
+                        progress=False).compress(remove=1)
+    assert any(name.endswith("/ scorer's choice") for name in plan.merges[0].selection["residuals"])
 
 
 def test_similarity_matches_the_models_own_hidden_states():

@@ -168,7 +168,8 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
     (each block's best by the scorer's group scores, ``o_proj`` compensated by the scorer). For each, the MLP
     statistics on the attention so pruned, and channel candidates: each block's channels, the best by the
     scorer's channel scores over both blocks and splits of a quarter, half and three quarters from the
-    second block, each ``down_proj`` compensated by the scorer. "Block 1 whole" for both is exactly what
+    second block, each ``down_proj`` compensated by the scorer (and, where a scorer overrides
+    ``select_channels``, its own choice). "Block 1 whole" for both is exactly what
     ``keep="first"`` builds (the absorb), so the result never misses the target by more than the absorb does."""
     g, f = recipe.want.num_kv_heads, recipe.want.intermediate_size
     if targets is None:
@@ -194,14 +195,18 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
                               recipe.calls, targets, recipe.weights)
         del half
         with recipe.watch("selection and refits"):
+            choices = {}
             if channel_scores is None:  # ranked once, with the scorer's own choice of groups
                 channel_scores = recipe.scorer.score_channels(stats).double().cpu()
+                if type(recipe.scorer).select_channels is not ChannelScorer.select_channels:  # its own choice too
+                    choices["scorer's choice"] = recipe.scorer.select_channels(stats, f)
             for channel_name, keep in _candidates(channel_scores, f, [f // 4, f // 2, f - f // 4]).items():
-                weight = recipe.scorer.compensate_channels(stats, keep)
-                residual = refit_residual(stats, keep, weight)
+                choices[channel_name] = Choice(keep, recipe.scorer.compensate_channels(stats, keep))
+            for channel_name, choice in choices.items():
+                residual = refit_residual(stats, choice.keep.cpu(), choice.weight)
                 residuals[f"{group_name} / {channel_name}"] = residual
                 if best is None or residual < best[0]:
-                    best = residual, group_name, group, channel_name, Choice(keep, weight)
+                    best = residual, group_name, group, channel_name, choice
         del stats
     _, group_name, group, channel_name, channels = best
     merge = recipe.record(group, channels)
