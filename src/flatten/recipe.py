@@ -159,13 +159,21 @@ def _candidates(scores: Tensor, count: int, mixes: list[int]) -> dict[str, Tenso
     return unique
 
 
+def _splits(count: int) -> list[int]:
+    """How many of ``count`` kept groups or channels the split candidates take from the second block: about a
+    quarter, a half and three quarters (each split needs its own statistics or refit: a few, at any width)."""
+    quarter = max(1, count // 4)
+    return sorted({quarter, count // 2, count - quarter} & set(range(1, count)))
+
+
 def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] | None) -> tuple[nn.Module, Merge]:
     """The pruned block, of candidate selections, whose output misses ``targets`` least on the calibration
     tokens (``refit_residual``; default target: what the two blocks compute one after the other).
 
     The scorer ranks; the objective decides. KV-group candidates: each block's groups as they are (no
-    ``o_proj`` refit), the scorer's own choice, and every split of the kept groups between the two blocks
-    (each block's best by the scorer's group scores, ``o_proj`` compensated by the scorer). For each, the MLP
+    ``o_proj`` refit), the scorer's own choice, and splits of a quarter, half and three quarters of the kept
+    groups from the second block (each block's best by the scorer's group scores, ``o_proj`` compensated by the
+    scorer). For each, the MLP
     statistics on the attention so pruned, and channel candidates: each block's channels, the best by the
     scorer's channel scores over both blocks and splits of a quarter, half and three quarters from the
     second block, each ``down_proj`` compensated by the scorer (and, where a scorer overrides
@@ -182,7 +190,7 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
         own = recipe.scorer.select_groups(attention, g)
         ranks = recipe.scorer.score_groups(attention).double().cpu()  # indices stay on the CPU, as side()'s
         groups = {name: Choice(keep, None if name.startswith("block") else recipe.scorer.compensate_groups(attention, keep))
-                  for name, keep in _candidates(ranks, g, list(range(1, g))).items()}
+                  for name, keep in _candidates(ranks, g, _splits(g)).items()}
         same = [name for name, c in groups.items()
                 if torch.equal(own.keep.cpu(), c.keep) and (own.weight is None) == (c.weight is None)]
         first = same[0] if same else "scorer's choice"
@@ -200,7 +208,7 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
                 channel_scores = recipe.scorer.score_channels(stats).double().cpu()
                 if type(recipe.scorer).select_channels is not ChannelScorer.select_channels:  # its own choice too
                     choices["scorer's choice"] = recipe.scorer.select_channels(stats, f)
-            for channel_name, keep in _candidates(channel_scores, f, [f // 4, f // 2, f - f // 4]).items():
+            for channel_name, keep in _candidates(channel_scores, f, _splits(f)).items():
                 choices[channel_name] = Choice(keep, recipe.scorer.compensate_channels(stats, keep))
             for channel_name, choice in choices.items():
                 residual = refit_residual(stats, choice.keep.cpu(), choice.weight)
