@@ -7,19 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatten import BlockPair, Flattener, get_scorer
-from flatten.calibration import capture, run_block
+from flatten.calibration import run_block
 from flatten.criteria import SCORERS, get_policy
 from flatten.recipe import merge_pair, pair_outputs
-from tiny import TinySpec, tiny_model, tiny_specs
-
-
-def _pair_inputs(model, position, calibration):
-    pair = BlockPair(model, position)
-    inputs = capture(model, pair.arch, list(calibration.split(2)))
-    hidden = inputs.hidden
-    for i in range(position):
-        hidden = run_block(pair.arch.layers_of(model)[i], hidden, inputs.calls[i])
-    return pair, hidden, inputs.calls[position]
+from tiny import TinySpec, pair_inputs, tiny_model, tiny_specs
 
 
 def _missed(block, hidden, calls, targets) -> float:
@@ -35,7 +26,7 @@ def test_the_objective_merge_never_misses_the_target_more_than_the_absorb(spec, 
     model = tiny_model(spec)
     position = data.draw(st.integers(0, spec.num_layers - 2))
     calibration = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(spec.seed))
-    pair, hidden, calls = _pair_inputs(model, position, calibration)
+    pair, hidden, calls = pair_inputs(model, position, calibration)
     targets = pair_outputs(pair, hidden, calls, None)[1]
     absorb, _ = merge_pair(pair, get_scorer(scorer), hidden, calls, targets=targets, keep="first")
     chosen, merge = merge_pair(pair, get_scorer(scorer), hidden, calls, targets=targets, select="objective")
@@ -61,7 +52,7 @@ def test_the_objective_takes_the_absorb_where_the_second_block_does_nothing():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
     calibration = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(3))
-    pair, hidden, calls = _pair_inputs(model, 0, calibration)
+    pair, hidden, calls = pair_inputs(model, 0, calibration)
     _, merge = merge_pair(pair, get_scorer("reconstruction"), hidden, calls, select="objective")
     assert merge.kept(2, 16) == "first"
     assert min(merge.selection["residuals"].values()) < 1e-12 * max(merge.selection["residuals"].values())

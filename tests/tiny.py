@@ -101,6 +101,19 @@ class BlockRunner:
                                position_embeddings=self.position_embeddings)[0]
 
 
+def pair_inputs(model, position: int, calibration: torch.Tensor, batch_size: int = 2):
+    """``(BlockPair at position, its input on the calibration batches, its layers' other arguments)``."""
+    from flatten import BlockPair
+    from flatten.calibration import capture, run_block
+
+    pair = BlockPair(model, position)
+    inputs = capture(model, pair.arch, list(calibration.split(batch_size)))
+    hidden = inputs.hidden
+    for i in range(position):
+        hidden = run_block(pair.arch.layers_of(model)[i], hidden, inputs.calls[i])
+    return pair, hidden, inputs.calls[position]
+
+
 def random_hidden(spec: TinySpec, batch: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, length, spec.hidden_size, generator=generator, dtype=torch.float64).to(spec.dtype)

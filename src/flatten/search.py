@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flatten.calibration import input_similarity
 from flatten.criteria.policies import Span, Step, pair_of
 
 
