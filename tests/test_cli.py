@@ -70,7 +70,7 @@ def test_compress_refuses_an_existing_output_and_leaves_it_alone(tiny, tmp_path,
     (["--device", "tpu:7"], "unknown device"),
     (["--strategy", "shortgpt", "--scorer", "magnitude"], "shortgpt has no option 'scorer'"),
     (["--method", "sleb:search_samples=many"], "search_samples='many': expected int"),
-    (["--spans", "1-2"], "policy 'cut-merge' has no option 'spans'"),
+    (["--spans", "1-2"], "policy 'cut' has no option 'spans'"),
     (["--strategy", "dropout"], "unknown strategy 'dropout'"),
     (["--samples", "1000"], "windows"),
 ])

@@ -111,7 +111,7 @@ def test_a_scorer_subclass_defined_here_is_used_by_the_flattener():
                             progress=False).compress(remove=2)
         calls.update(groups=0, channels=0)
         _, ranked = Flattener(tiny_model(SPEC), _calibration(), scorer="test-last-channels", policy="greedy",
-                              progress=False).compress(remove=2)  # select="objective": it ranks, the objective decides
+                              select="objective", progress=False).compress(remove=2)  # it ranks, the objective decides
     finally:
         SCORERS.unregister("test-last-channels")
     for merge in plan.merges:
@@ -130,7 +130,7 @@ def test_a_scorer_that_chooses_its_own_channels_is_a_candidate_of_the_objective(
             from flatten.criteria import Choice
             return Choice(torch.arange(0, 2 * keep, 2))
 
-    _, plan = Flattener(tiny_model(SPEC), _calibration(), scorer=EveryOther(), policy="greedy",
+    _, plan = Flattener(tiny_model(SPEC), _calibration(), scorer=EveryOther(), policy="greedy", select="objective",
                         progress=False).compress(remove=1)
     assert any(name.endswith("/ scorer's choice") for name in plan.merges[0].selection["residuals"])
 

@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -58,7 +57,10 @@ def _result():
 @pytest.fixture
 def workspace(tmp_path):
     """A copy of RESULTS.md and a results folder holding one JSON file."""
-    shutil.copy(BENCHMARKS / "RESULTS.md", tmp_path / "RESULTS.md")
+    lines = (BENCHMARKS / "RESULTS.md").read_text().split("\n")  # as it would be before its first rendering
+    if render_results.BEGIN in lines:
+        lines = lines[: lines.index(render_results.BEGIN)] + lines[lines.index(render_results.END) + 2 :]
+    (tmp_path / "RESULTS.md").write_text("\n".join(lines))
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "smollm2-135m_remove6_2026-12-03.json").write_text(json.dumps(_result()))
     (tmp_path / "results" / "README.md").write_text("not a result")
@@ -81,7 +83,7 @@ def _region(lines):
 
 def test_the_table_separates_validation_from_test_and_bolds_the_best(workspace):
     original = (workspace / "RESULTS.md").read_text()
-    assert render_results.BEGIN not in original.split("\n")  # if the real file has markers, adapt this test
+    assert render_results.BEGIN not in original.split("\n")
     assert _run(workspace, "--check") == 1
     assert _run(workspace) == 0
     lines = (workspace / "RESULTS.md").read_text().split("\n")
@@ -90,7 +92,7 @@ def test_the_table_separates_validation_from_test_and_bolds_the_best(workspace):
     assert lines[:start] + lines[end + 2 :] == original.split("\n") and lines[end + 1] == ""
     heading = next(i for i, line in enumerate(lines) if line.startswith("## Quality"))
     assert heading < start and not any(line.startswith("#") for line in lines[heading + 1 : start])
-    assert lines[end + 2].startswith("### ")
+    assert lines[end + 2].startswith("#")
 
     region = lines[start : end + 1]
     assert "### smollm2-135m: a fixture, 6 of 30 blocks removed (2026-12-03)" in region
@@ -144,3 +146,15 @@ def test_markers_out_of_order_are_refused():
         render_results.update(f"a\n{render_results.END}\n{render_results.BEGIN}\n", ["x"])
     with pytest.raises(ValueError, match="no section"):
         render_results.update("# Results\n\nnothing\n", ["x"])
+
+
+def test_the_readme_gets_the_test_columns_of_the_newest_result_with_a_baseline(workspace):
+    readme = workspace / "README.md"
+    readme.write_text(f"# x\n\n{render_results.README_BEGIN}\nold\n{render_results.README_END}\n\nafter\n")
+    assert _run(workspace, "--readme", str(readme)) == 0
+    lines = readme.read_text().split("\n")
+    region = lines[lines.index(render_results.README_BEGIN) : lines.index(render_results.README_END)]
+    header = next(line for line in region if line.startswith("| method"))
+    assert _cells(header) == ["method", "wikitext2", "alice", "compress s", "what it did"]
+    assert "old" not in region and lines[-2:] == ["after", ""]
+    assert any(line.startswith("| flattengpt | **24.00** | **18.00** |") for line in region)

@@ -158,7 +158,7 @@ class _Replay(nn.Module):
 
 
 STRATEGIES: Registry[type[Compressor]] = Registry("strategy")
-DEFAULT_RECIPE = "cut-merge"  # the strategy that flatten compress and compare.py run unless told otherwise
+DEFAULT_RECIPE = "cut-absorb"  # the strategy that flatten compress and compare.py run unless told otherwise
 
 
 def register_strategy(name: str, *, replace: bool = False):

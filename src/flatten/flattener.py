@@ -34,22 +34,22 @@ FIT_TARGETS = ("pair", "dense")
 MAX_CURSORS = 8  # block boundaries whose calibration activations a compression keeps at most
 
 
-@register_strategy("cut-merge")
+@register_strategy("cut-absorb")
 class Flattener(Compressor):
     """Compresses ``model`` (in place) on ``calibration`` token ids (samples x sequence length).
 
-        flattener = Flattener(model, calibration)       # the default recipe, cut-merge
+        flattener = Flattener(model, calibration)       # the default recipe, cut-absorb
         model, plan = flattener.compress(remove=6)      # or ratio=0.2: fraction of parameters
         plan.save("plan.json")
 
     The engine of every recipe that merges, absorbs or drops blocks; its defaults are the library's default
-    recipe, registered as ``cut-merge`` (chosen on the validation texts, ``benchmarks/RESULTS.md``), and the
-    other named recipes (``flattengpt``, the paper's; ``cut-absorb``) are it with other defaults.
-    ``scorer`` and ``policy`` are registered names or instances. The policy plans the steps, each removing
-    one block: a merge (flatten two blocks, prune back), an absorb (a block's ``down_proj`` refitted to also
-    compute the next block) or a drop. The default, ``cut-merge``, merges each block of the contiguous run
-    whose input and output are closest with the block before it (``cut`` absorbs them instead); ``greedy`` is
-    the paper's plan (merge the pairs of most similar inputs). The scorer chooses what a merge keeps and
+    recipe, registered as ``cut-absorb`` (kept on the validation texts, ``benchmarks/RESULTS.md``), and the
+    other named recipes (``flattengpt``, the paper's; ``cut-merge``) are it with other defaults. ``scorer``
+    and ``policy`` are registered names or instances. The policy plans the steps, each removing one block: a
+    merge (flatten two blocks, prune back), an absorb (a block's ``down_proj`` refitted to also compute the
+    next block) or a drop. The default, ``cut``, absorbs each block of the contiguous run whose input and
+    output are closest into the block before the run (``cut-merge`` merges them instead); ``greedy`` is the
+    paper's plan (merge the pairs of most similar inputs). The scorer chooses what a merge keeps and
     compensates merges and absorbs (the default, ``reconstruction``, is the paper's recipe with our
     additions; ``flattengpt`` is the paper's own); ``select="objective"`` lets the scorer's rankings propose
     candidates and keeps the one whose block misses its target least, each block kept whole among them
@@ -91,13 +91,13 @@ class Flattener(Compressor):
     calibration data, options and number of blocks to remove, or it is refused.
     """
 
-    name = "cut-merge"
-    title = ("cut-merge: the contiguous run of blocks of least angular distance, each block merged with the block "
-             "before it (flattened, pruned back to the candidate that misses the dense model least)")
+    name = "cut-absorb"
+    title = ("cut-absorb: the contiguous run of blocks of least angular distance, each block absorbed into the "
+             "block before the run (down_proj refitted by least squares to the dense model)")
 
     def __init__(self, model: nn.Module, calibration: Tensor,
                  scorer: Annotated[str | ChannelScorer, "what a merge keeps and how it is refitted"] = "reconstruction",
-                 policy: Annotated[str | PairPolicy, "which steps remove the blocks: merges, absorbs, drops"] = "cut-merge",
+                 policy: Annotated[str | PairPolicy, "which steps remove the blocks: merges, absorbs, drops"] = "cut",
                  similarity: Annotated[str, "block-input similarity of the similarity policies"] = "cosine",
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True,
                  prune: Annotated[bool | str, "ablation: false keeps flattened blocks wide; attention or mlp "
@@ -110,7 +110,7 @@ class Flattener(Compressor):
                  fit_to: Annotated[str, "dense (the original model's activations) or pair: what refits fit"] = "dense",
                  select: Annotated[str, "how a pruned merge chooses: scorer (the scorer's choice, the paper) or "
                                    "objective (the scorer ranks; the candidate that misses the target least, a "
-                                   "whole block among them, is kept)"] = "objective"):
+                                   "whole block among them, is kept)"] = "scorer"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
@@ -426,13 +426,13 @@ FlattenGPT = _recipe(
     KV groups by their heads' contribution norm, MLP channels by ridge leverage, ``down_proj`` refitted to
     the wide MLP's own output (lambda 10 x the mean eigenvalue; the ``flattengpt`` scorer).""",
     scorer="flattengpt", policy="greedy", similarity="cosine", fit_to="pair", select="scorer")
-CutAbsorb = _recipe(
-    "cut-absorb", "CutAbsorb", "cut-absorb: the contiguous run of blocks of least angular distance, each block absorbed into "
-    "the block before the run (down_proj refitted by least squares to the dense model)",
-    """The cut's run, each block absorbed into the block before the run: that block's attention kept as it is,
-    its ``down_proj`` refitted to compute what the run computed in the dense model (the default until the
-    validation texts chose ``cut-merge``).""",
-    policy="cut", select="scorer")
+CutMerge = _recipe(
+    "cut-merge", "CutMerge", "cut-merge: the contiguous run of blocks of least angular distance, each block merged "
+    "with the block before it (flattened, pruned back to the candidate that misses the dense model least)",
+    """The cut's run, each block merged (flattened and pruned back) with the block before it; the scorer's
+    rankings propose the heads and channels kept, each block whole among the candidates, and the candidate
+    whose block misses the dense model's activations least is kept (``select="objective"``).""",
+    policy="cut-merge", select="objective")
 
 
 def _key(rows: slice) -> tuple[int, int]:
