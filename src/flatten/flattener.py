@@ -55,8 +55,8 @@ class Flattener(Compressor):
     candidates and keeps the one whose block misses its target least, each block kept whole among them
     (``flatten.recipe.merge_by_objective``). ``similarity`` names a measure of
     ``flatten.criteria.SIMILARITIES`` (for the similarity policies). Every decision for a block is made on the
-    activations that reach it in the already-compressed model below it (sequential calibration). ``device`` is where blocks are
-    computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
+    activations that reach it in the already-compressed model below it (sequential calibration). ``device``
+    is where blocks are computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
     the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
     saved; spans of two blocks only). ``prune="attention"`` / ``"mlp"`` prune only that half of each wide
@@ -413,14 +413,14 @@ def _recipe(name: str, class_name: str, title: str, doc: str, **defaults) -> typ
         Flattener.__init__(*bound.args, **bound.kwargs)
 
     __init__.__signature__ = signature
-    cls = type(class_name, (Flattener,), {"__init__": __init__, "__doc__": doc, "name": name,
-                                                           "title": title, "__module__": __name__})
+    cls = type(class_name, (Flattener,), {"__init__": __init__, "__doc__": doc, "name": name, "title": title,
+                                          "__module__": __name__})
     return register_strategy(name)(cls)
 
 
 FlattenGPT = _recipe(
-    "flattengpt", "FlattenGPT", "FlattenGPT, the paper's recipe (Xu et al., arXiv 2602.08858): the most similar adjacent pairs "
-    "flattened and pruned back by the paper's scorer",
+    "flattengpt", "FlattenGPT", "FlattenGPT, the paper's recipe (Xu et al., arXiv 2602.08858): the most similar "
+    "adjacent pairs flattened and pruned back by the paper's scorer",
     """The paper's recipe as published (docs/method.md maps each step to the code): merge, ``k`` times, the
     adjacent spans whose inputs are most similar (cosine, measured once on the original model; ``greedy``),
     KV groups by their heads' contribution norm, MLP channels by ridge leverage, ``down_proj`` refitted to
