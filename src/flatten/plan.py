@@ -113,11 +113,6 @@ class Plan:
         how = ", ".join(f"{key} {self.method[key]}" for key in ("scorer", "policy") if key in self.method)
         return "; ".join(words) + (f" ({how})" if how else "")
 
-    def counts(self) -> dict[str, int]:
-        """How many steps merged, absorbed and dropped a block."""
-        kinds = [kind for kind, _, _ in self.steps()]
-        return {kind: kinds.count(kind) for kind in ("merged", "absorbed", "dropped")}
-
     def apply(self, model: nn.Module) -> nn.Module:
         """Replay the plan on a fresh copy of the model it was made for (in place); return the model."""
         have = model_signature(model)
