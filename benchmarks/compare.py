@@ -35,6 +35,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 from flatten import count_parameters, save_checkpoint
 from flatten.data import (CORPORA, MIXES, TEST_TEXTS, VALIDATION_TEXTS, calibration_description, calibration_domains,
                           calibration_tokens, token_sha256)
@@ -135,6 +137,8 @@ def main() -> None:
                         help="what the run is about, for the heading of its table (e.g. 'every strategy')")
     parser.add_argument("--device", default="cpu", help="where the model, every compression and every measurement "
                         "run, e.g. cuda (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the weights' dtype, as the model is compressed and measured (default float32)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
                         help="a Python file that registers strategies, scorers or policies (repeatable)")
     args = parser.parse_args()
@@ -163,7 +167,7 @@ def main() -> None:
     path = Path(args.json) if args.json else default_json(args.model, args.remove, day)
 
     run = setup(args.model, args.samples, args.seq_len, args.windows, sources[0], evaluations)
-    model = run.model.to(args.device)
+    model = run.model.to(args.device, getattr(torch, args.dtype))
     calibrations = {sources[0]: run.calibration}
     for source in sources[1:]:
         calibrations[source] = calibration_tokens(run.tokenizer, source, samples=args.samples, seq_len=args.seq_len,
@@ -180,6 +184,7 @@ def main() -> None:
         "date": day,
         "machine": machine(),
         "device": args.device,
+        "dtype": args.dtype,
         "model": {"name": args.model, "layers": layers, "parameters": count_parameters(model)},
         "remove": removals,
         "calibrations": [{"name": source, "description": calibration_description(source),

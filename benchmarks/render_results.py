@@ -10,7 +10,8 @@ the machine above it; perplexity on the validation texts (``val:`` columns, on w
 on the test texts (``test:`` columns, which chose nothing); the lowest perplexity of the compressed models in
 bold per text and per (calibration, removal); and below it, each method's perplexity over that of the best
 baseline per test text. The README's region between ``<!-- generated: headline begin -->`` and ``<!-- generated:
-headline end -->`` gets, per model, the test columns of the newest complete result that holds a baseline.
+headline end -->`` gets, per model, the test columns of the complete float32 result that compares the most
+methods, a baseline among them (the newest of those that compare as many).
 Rendering is deterministic: running it twice gives the same files.
 """
 
@@ -120,7 +121,8 @@ def render_table(result: dict, name: str) -> list[str]:
     stopped = "" if result.get("complete", True) else f" The run stopped after these {len(rows)} rows."
     lines = [f"### {model['name']}: {title}{removed} of {model['layers']} blocks removed ({result['date']})", "",
              f"From `benchmarks/results/{name}`.{stopped} Command: `{result['command']}` ({version}).", "",
-             f"Machine: {result['machine']}; device {result.get('device', 'cpu')}.", ""]
+             f"Machine: {result['machine']}; device {result.get('device', 'cpu')}; weights in "
+             f"{result.get('dtype', 'float32')}.", ""]
     calibrations = "; ".join(
         f"`{c['name']}`: {c['samples']} x {c['seq_len']} tokens of {c['description']} (seed {c['seed']}, token "
         f"sha256 {c['sha256'][:12]})" for c in result["calibrations"])
@@ -196,17 +198,24 @@ def render(results: list[tuple[str, dict]]) -> list[str]:
     return lines + [END]
 
 
+def _headline_worthy(result: dict) -> bool:
+    return bool(result.get("complete") and result.get("dtype", "float32") == "float32"
+                and any(t.get("role") == "test" for t in result["texts"])
+                and any(is_baseline(r["method"]) for r in result["rows"]))
+
+
 def headline(results: list[tuple[str, dict]]) -> list[str]:
-    """The README's region: per model, the newest complete result that holds a baseline, its test texts only,
-    and the rows of each strategy as registered (no option) and of the baselines as run."""
-    lines, seen = [README_BEGIN, NOTE, ""], set()
-    for name, result in results:
+    """The README's region: per model, the complete float32 result with test texts that compares the most
+    methods, a baseline among them (the newest of equals), its test texts only, and the rows of each strategy
+    as registered (no option) and of the baselines as run."""
+    lines, chosen = [README_BEGIN, NOTE, ""], {}
+    for name, result in results:  # newest first: an older result is chosen only where it has more rows
+        model = result["model"]["name"]
+        if _headline_worthy(result) and len(result["rows"]) > len(chosen.get(model, (None, {"rows": []}))[1]["rows"]):
+            chosen[model] = (name, result)
+    for name, result in sorted(chosen.values(), key=results.index):
         model = result["model"]["name"]
         tests = [t for t in result["texts"] if t.get("role") == "test"]
-        if model in seen or not result.get("complete") or not tests or \
-                not any(is_baseline(r["method"]) for r in result["rows"]):
-            continue
-        seen.add(model)
         rows = [r for r in result["rows"] if ":" not in r["method"] or is_baseline(r["method"])]
         calibration = result["calibrations"][0]
         lines += [f"{model}, {','.join(map(str, result['remove']))} of {result['model']['layers']} blocks removed, "

@@ -15,7 +15,9 @@ scales the number of heads, KV heads, hidden size and MLP width by F (the vocabu
 
 ``--placement resident``: the whole model on ``--device``, compressed where it is. ``streamed``: the weights
 in CPU memory, ``Flattener(..., device=DEVICE)`` (any strategy's ``device``) computes block by block on the
-device. The forward pass is timed the same way: resident, ``model(input_ids=...)`` per batch; streamed, layer
+device. ``dispatched``: accelerate's hooks (``dispatch_model``) keep every other block in CPU memory and the
+rest of the model on ``--device``, where everything computes (``--device-map auto`` over a GPU too small for
+the model). The forward pass is timed the same way: resident and dispatched, ``model(input_ids=...)`` per batch; streamed, layer
 by layer as the strategies compute (every block visits the device once and runs all batches; then the final
 norm and the LM head), the least a streamed pass over the calibration set costs. One warm-up batch, then the
 best of ``--repeats``. Peak memory is ``torch.cuda.max_memory_allocated`` during the compression on CUDA;
@@ -24,9 +26,8 @@ pass included). The budget is ``flatten.measure.memory_budget`` (what the device
 holds); the goal is 1.25 x the weights on the device plus that budget (issue 26).
 
 Prints the command, the machine, a markdown table of the run and one of the seconds by phase that the
-Flattener records (``plan.method["seconds_by_phase"]``, the project's ``Stopwatch``; phases are not
-synchronised with CUDA, so on a GPU a phase's queued work may be counted in the next phase that waits for
-it). Exit status 1 if the compressed model's weights changed dtype or left where they lived.
+Flattener records (``plan.method["seconds_by_phase"]``, the project's ``Stopwatch``, synchronised with the
+device at each phase's start and end, so that a phase is charged with the GPU work it queued). Exit status 1 if the compressed model's weights changed dtype or left where they lived.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from flatten.architectures import architecture_for
 from flatten.calibration import capture, on_device, run_block
 from flatten.compressor import DEFAULT_RECIPE
 from flatten.latency import synchronize
-from flatten.measure import machine, memory_budget
+from flatten.measure import Stopwatch, machine, memory_budget
 from flatten.models import count_parameters, resolve_device
 from harness import code_version
 
@@ -126,8 +127,27 @@ def build_model(config, dtype: torch.dtype, home: torch.device, init_device: tor
     return model.eval()
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+def dispatch(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` (in CPU memory) behind accelerate's hooks: the odd blocks offloaded to CPU memory, the rest
+    moved to ``device``, all computing on ``device``."""
+    from accelerate import dispatch_model
+
+    arch = architecture_for(model)
+    base = arch.layers.rsplit(".", 1)[0]
+    device_map = {f"{base}.{name}": device.index for name, _ in model.get_submodule(base).named_children()
+                  if f"{base}.{name}" != arch.layers}
+    device_map.update({name: device.index for name, _ in model.named_children() if name != base.split(".")[0]})
+    device_map.update({f"{arch.layers}.{i}": "cpu" if i % 2 else device.index
+                       for i in range(len(arch.layers_of(model)))})
+    model = dispatch_model(model, device_map, main_device=device)
+    model.hf_device_map = device_map  # as transformers records it
+    return model
+
+
+def weight_bytes(model: nn.Module, device: torch.device | None = None) -> int:
+    """Bytes of the model's weights (those on ``device`` only, if given)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+               if device is None or p.device == device)
 
 
 @torch.no_grad()
@@ -194,9 +214,10 @@ def main() -> int:
                         help="scale heads, KV heads, hidden size and MLP width by F (e.g. 0.125 for a CPU smoke run)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="auto", help="where blocks are computed: auto, cpu, cuda, cuda:N")
-    parser.add_argument("--placement", choices=("resident", "streamed"), default="resident",
+    parser.add_argument("--placement", choices=("resident", "streamed", "dispatched"), default="resident",
                         help="resident: the whole model on --device; streamed: weights in CPU memory, blocks "
-                             "computed on --device one at a time")
+                             "computed on --device one at a time; dispatched: accelerate's hooks, every other "
+                             "block in CPU memory")
     parser.add_argument("--method", default=DEFAULT_RECIPE,
                         help=f"strategy, NAME:key=value:... (default {DEFAULT_RECIPE}, the library's default)")
     parser.add_argument("--remove", type=int, default=None, help="blocks to remove (default: about 22%%)")
@@ -213,10 +234,12 @@ def main() -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    streamed = args.placement == "streamed"
+    streamed, dispatched = args.placement == "streamed", args.placement == "dispatched"
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    home = torch.device("cpu") if streamed else device
+    if dispatched and device.type != "cuda":
+        parser.error("--placement dispatched needs a CUDA --device")
+    home = torch.device("cpu") if streamed or dispatched else device
     config = shape_config(args.shape, args.layers, args.scale_width)
     layers = config.num_hidden_layers
     remove = args.remove if args.remove is not None else max(1, min(layers - 1, round(0.22 * layers)))
@@ -230,14 +253,16 @@ def main() -> int:
 
     start = time.perf_counter()
     model = build_model(config, dtype, home, device, args.seed)
+    if dispatched:
+        model = dispatch(model, device)
     synchronize(device)
     built = time.perf_counter() - start
-    weights = weight_bytes(model)
+    weights, weights_on_device = weight_bytes(model), weight_bytes(model, device)
     parameters = count_parameters(model)
     print(f"Model: {shape}: hidden {config.hidden_size}, {config.num_attention_heads} heads / "
           f"{config.num_key_value_heads} KV heads of {HEAD_DIM}, MLP {config.intermediate_size}, vocabulary "
-          f"{config.vocab_size}; {parameters / 1e9:.3f} B parameters, {weights / GIB:.2f} GiB in {args.dtype} on "
-          f"{home} (built in {built:.1f} s)", flush=True)
+          f"{config.vocab_size}; {parameters / 1e9:.3f} B parameters, {weights / GIB:.2f} GiB in {args.dtype}, "
+          f"{weights_on_device / GIB:.2f} GiB of it on {device} (built in {built:.1f} s)", flush=True)
 
     calibration = torch.randint(0, config.vocab_size, (args.samples, args.seq_len),
                                 generator=torch.Generator().manual_seed(args.seed))
@@ -249,6 +274,7 @@ def main() -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    Stopwatch.synchronize = lambda: synchronize(device)
     strategy = build_strategy(args.method, model, calibration, batch_size=args.batch_size,
                               progress=args.progress, **({"device": device} if streamed else {}))
     reset_peak(device)
@@ -262,11 +288,11 @@ def main() -> int:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     devices = sorted({str(p.device) for p in model.parameters()})
     kept_dtype = dtypes == [args.dtype]
-    kept_place = all(torch.device(d) == home for d in devices)
-    on_device_weights = 0 if streamed else weights
+    homes = {device, torch.device("meta")} if dispatched else {home}  # offloaded weights: meta behind hooks
+    kept_place = all(torch.device(d) in homes for d in devices)
     budget = sum(memory_budget(config, args.samples * args.seq_len, args.batch_size * args.seq_len,
                                dtype.itemsize).values())
-    goal = 1.25 * on_device_weights + budget
+    goal = 1.25 * weights_on_device + budget
     phases = record.method.get("seconds_by_phase")
     row = {
         "shape": shape, "layers": layers, "parameters": parameters, "dtype": args.dtype, "placement": args.placement,
@@ -277,6 +303,7 @@ def main() -> int:
         "peak_kind": "cuda max_memory_allocated during compress" if device.type == "cuda"
         else "process peak RSS over its life (getrusage)",
         "peak_bytes": peak, "forward_peak_bytes": forward_peak, "weight_bytes": weights,
+        "weight_bytes_on_device": weights_on_device,
         "peak_over_weights": round(peak / weights, 2), "budget_bytes": budget, "goal_bytes": int(goal),
         "dtypes_after": dtypes, "devices_after": devices, "seconds_by_phase": phases,
         "record_seconds": record.method.get("seconds"),
@@ -314,7 +341,7 @@ def main() -> int:
         path.write_text(json.dumps(row, indent=1) + "\n")
         print(f"Wrote {path}")
     failures = ([f"the weights are {', '.join(dtypes)}, not {args.dtype}"] if not kept_dtype else []) + \
-        ([f"the weights are on {', '.join(devices)}, not {home}"] if not kept_place else [])
+        ([f"the weights are on {', '.join(devices)}, not {', '.join(map(str, homes))}"] if not kept_place else [])
     if failures:
         print("FAIL: " + "; ".join(failures), file=sys.stderr)
         return 1

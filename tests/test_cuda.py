@@ -32,6 +32,7 @@ import torch
 
 from flatten import STRATEGIES, Flattener, get_strategy
 from flatten.criteria import POLICIES, SCORERS
+from flatten.calibration import _tensor_core_sums, add_upper_gram, product32, symmetric
 from flatten.dispatch import device_of
 from flatten.evaluation import mean_nll
 from tiny import TinySpec, tiny_model
@@ -164,3 +165,17 @@ def test_a_compressed_model_generates_with_its_kv_cache_on_cuda():
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_bfloat16_statistics_on_cuda_are_float32_sums_of_exact_products():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 70, generator=generator).bfloat16()
+    y = torch.randn(300, 9, generator=generator)  # float32: the refit's target minus the MLP's input
+    assert _tensor_core_sums(GPU), "torch.mm(..., out_dtype=torch.float32) is missing: bf16 statistics upcast"
+    gram = torch.zeros(70, 70, dtype=torch.float64, device=GPU)
+    add_upper_gram(gram, x.to(GPU), rows=16)
+    want = x.double().T @ x.double()
+    assert float((symmetric(gram).cpu() - want).norm() / want.norm()) <= 1e-6
+    want = x.double().T @ y.double()
+    cross = product32(x.to(GPU).T, y.to(GPU)).double().cpu()
+    assert float((cross - want).norm() / want.norm()) <= 2e-5  # y kept to 16 bits: 2**-17 per entry

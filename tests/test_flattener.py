@@ -355,6 +355,18 @@ def test_the_cut_absorbs_the_run_of_least_angular_distance_into_the_block_before
         Flattener(tiny_model(spec), calibration, policy="cut", progress=False).compress(remove=5)
 
 
+def test_a_run_of_absorbs_runs_each_original_block_once_for_its_dense_targets():
+    model = tiny_model(TinySpec("llama", 2, 2, 2, 8, 40, num_layers=8, dtype=torch.float32))
+    runs = [0] * 8
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda module, args, output, i=i: runs.__setitem__(i, runs[i] + 1))
+    _, plan = Flattener(model, _calibration(8, 16, seed=5), batch_size=8, progress=False).compress(remove=4)
+    first, last = plan.spans[0]
+    assert last - first == 4
+    # the similarity pass and the dense targets (a chain of four absorbs ran blocks 5, 4, 3 and 2 times before)
+    assert runs[first:] == [2] * (8 - first)
+
+
 def test_loss_search_shortlists_by_block_influence():
     spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=6, dtype=torch.float64)
     calibration = torch.randint(0, 61, (6, 10), generator=torch.Generator().manual_seed(1))

@@ -1,10 +1,12 @@
-"""Latency: interleaved runs, and after / before ratios that say when the machine's noise could explain them."""
+"""Latency: interleaved runs, and after / before ratios that say when the machine's noise could explain them; the
+Stopwatch that times phases."""
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flatten.latency import Ratio, latency_ratios
+from flatten.measure import Stopwatch
 from tiny import TinySpec, tiny_model
 
 
@@ -32,3 +34,14 @@ def test_latency_ratios_time_both_models_in_turn():
     after, before, prefill, decode = latency_ratios(small, big, prompt=8, new_tokens=2, repeats=5)
     assert after.repeats == before.repeats == prefill.pairs == decode.pairs == 5
     assert prefill.median > 0 and decode.low <= decode.median <= decode.high
+
+
+def test_a_stopwatch_synchronises_at_each_phase_start_and_end_where_told(monkeypatch):
+    calls = []
+    monkeypatch.setattr(Stopwatch, "synchronize", lambda: calls.append(len(watch.seconds)))
+    watch = Stopwatch()
+    with watch("a"):
+        pass
+    with watch("a"):
+        pass
+    assert calls == [0, 0, 1, 1] and list(watch.seconds) == ["a"]

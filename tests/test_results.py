@@ -148,9 +148,14 @@ def test_markers_out_of_order_are_refused():
         render_results.update("# Results\n\nnothing\n", ["x"])
 
 
-def test_the_readme_gets_the_test_columns_of_the_newest_result_with_a_baseline(workspace):
+def test_the_readme_gets_the_test_columns_of_the_float32_result_of_most_methods(workspace):
     readme = workspace / "README.md"
     readme.write_text(f"# x\n\n{render_results.README_BEGIN}\nold\n{render_results.README_END}\n\nafter\n")
+    for day, dtype, rows in (("2026-12-04", "float32", 3), ("2026-12-05", "bfloat16", 4)):  # newer, fewer or bf16
+        other = {**_result(), "date": day, "dtype": dtype, "title": f"{dtype} {day}"}
+        other["rows"] = [dict(row, perplexity={k: 2 * v for k, v in row["perplexity"].items()})
+                         for row in other["rows"][:rows]]
+        (workspace / "results" / f"smollm2-135m_remove6_{day}.json").write_text(json.dumps(other))
     assert _run(workspace, "--readme", str(readme)) == 0
     lines = readme.read_text().split("\n")
     region = lines[lines.index(render_results.README_BEGIN) : lines.index(render_results.README_END)]

@@ -7,6 +7,7 @@ can then be run on its own, on any device, without the rest of the model.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -161,12 +162,46 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+@functools.cache
+def _tensor_core_sums(device: torch.device) -> bool:
+    """Whether ``torch.mm`` on ``device`` returns the float32 sums of bfloat16 products (``out_dtype``: CUDA,
+    torch 2.8 and later)."""
+    if device.type != "cuda":
+        return False
+    try:
+        one = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        return torch.mm(one.T, one, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _on_tensor_cores(x: Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and _tensor_core_sums(x.device)
+
+
+def product32(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right`` with products and sums in float32 at least. A bfloat16 ``left`` on CUDA is multiplied
+    as it is, on the tensor cores with float32 sums (the product of two bfloat16 numbers is exact in float32),
+    a float32 ``right`` split into two bfloat16 parts (``hi + lo`` holds 16 of its 24 bits); no float32 copy
+    of ``left`` is made. Elsewhere both are upcast (float64 stays float64)."""
+    if _on_tensor_cores(left) and right.dtype in (torch.bfloat16, torch.float32):
+        if right.dtype == torch.bfloat16:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        hi = right.bfloat16()
+        lo = (right - hi.float()).bfloat16()
+        return torch.mm(left, hi, out_dtype=torch.float32) + torch.mm(left, lo, out_dtype=torch.float32)
+    return _at_least_float32(left) @ _at_least_float32(right)
+
+
 def add_upper_gram(gram: Tensor, x: Tensor, rows: int = 512) -> None:
     """``gram += x^T x`` (``x``: tokens x d) on and above the diagonal only, in strips of ``rows`` rows:
-    about half the work of the full product. ``symmetric`` fills in the lower triangle afterwards."""
+    about half the work of the full product, with products and sums in float32 at least (``product32``).
+    ``symmetric`` fills in the lower triangle afterwards."""
+    if not _on_tensor_cores(x):
+        x = _at_least_float32(x)
     d = x.shape[1]
     for a in range(0, d, rows):
-        gram[a : a + rows, a:] += (x[:, a : a + rows].T @ x[:, a:]).double()
+        gram[a : a + rows, a:] += product32(x[:, a : a + rows].T, x[:, a:])
 
 
 def symmetric(upper: Tensor, rows: int = 512) -> Tensor:
@@ -198,10 +233,11 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
 
     def hook(module, args):
         nonlocal contribution, tokens
-        o = _at_least_float32(token_rows(args[0]))
+        raw = token_rows(args[0])
+        o = _at_least_float32(raw)
         if token_weights is not None:
-            o = o * token_weights[next(batch)].to(o.device).sqrt()[:, None]
-        add_upper_gram(gram, o)
+            o = raw = o * token_weights[next(batch)].to(o.device).sqrt()[:, None]
+        add_upper_gram(gram, raw)
         per_head = o.view(-1, shape.num_heads, shape.head_dim)
         contribution += torch.einsum("nhi,hij,nhj->nh", per_head, head_gram, per_head).clamp_min(0).sqrt().sum(0).double()
         tokens += o.shape[0]
@@ -224,7 +260,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
     bias = half.get_submodule(arch.down_proj).bias
     gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
     cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
-    tokens, energy = 0, 0.0
+    tokens, energy = 0, torch.zeros((), dtype=torch.float64, device=down.device)
     residual: list = [None, -1]  # the current batch's MLP-norm input, and the batch's index
 
     def norm_hook(module, args):
@@ -232,9 +268,9 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
 
     def down_hook(module, args):
         nonlocal cross, tokens, energy
-        psi = _at_least_float32(token_rows(args[0]))
+        psi = token_rows(args[0])
         if token_weights is not None:
-            psi = psi * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
+            psi = _at_least_float32(psi) * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
         add_upper_gram(gram, psi)
         if cross is not None:
             target = _at_least_float32(token_rows(targets[residual[1]].to(psi.device)))
@@ -243,8 +279,8 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
                 change = change - bias.to(change)
             if token_weights is not None:
                 change = change * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
-            cross += (psi.T @ change).double()
-            energy += float(change.double().square().sum())
+            cross += product32(psi.T, change)
+            energy += change.double().square().sum()
         tokens += psi.shape[0]
         raise _Stop
 
@@ -255,7 +291,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         handle.remove()
     weights = {key: half.get_submodule(path).weight.detach()
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
-    return MlpStats(shape, weights, symmetric(gram), cross, tokens, energy if cross is not None else None)
+    return MlpStats(shape, weights, symmetric(gram), cross, tokens, float(energy) if cross is not None else None)
 
 
 def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], calls: list) -> None:

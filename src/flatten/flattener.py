@@ -293,13 +293,23 @@ class Flattener(Compressor):
             targets = None
             if self.fit_to == "dense":  # the original model's activations after the pair's original blocks
                 with self.watch("original model's activations"):
-                    targets = cursor.original
-                    for j in range(spans[p][0], spans[p + 1][1] + 1):
-                        targets = self._run(self._originals[j], targets, self._original_calls[_key(rows)][j],
-                                            f"original block {j}")
+                    targets = self._dense_after(cursor, spans[p][0], spans[p + 1][1])
             built.append(self._build_merge(p, (spans[p][0], spans[p + 1][1]), None, cursor.hidden, cursor.calls[p],
                                            targets, keep))
         return built
+
+    def _dense_after(self, cursor: "_Cursor", first: int, last: int) -> list[Tensor]:
+        """The original model's activations after its blocks ``first``..``last``, run from the cursor's (at the
+        input of block ``first``). The cursor keeps the last run, continued when a span grows upwards (each
+        step of a run of absorbs adds one block to the same span)."""
+        start, targets = first, cursor.original
+        if cursor.dense is not None and cursor.dense[0] == first and cursor.dense[1] <= last:
+            start, targets = cursor.dense[1] + 1, cursor.dense[2]
+        for j in range(start, last + 1):
+            targets = self._run(self._originals[j], targets, self._original_calls[_key(cursor.rows)][j],
+                                f"original block {j}")
+        cursor.dense = (first, last, targets)
+        return targets
 
     def _cursor_at(self, position: int, rows: slice, spans: list[Span]) -> "_Cursor":
         """A cursor holding the activations at the input of block ``position`` on the calibration ``rows``,
@@ -443,13 +453,14 @@ def _key(rows: slice) -> tuple[int, int]:
 class _Cursor:
     """Activations at the input of current block ``position`` on the calibration ``rows`` (one tensor per
     batch), the other arguments of every current block, and (``fit_to="dense"``) the original model's
-    activations at the same boundary."""
+    activations at the same boundary and after the span last fitted from there."""
 
     rows: slice
     position: int
     hidden: list[Tensor]
     calls: list
     original: list[Tensor] | None
+    dense: tuple[int, int, list[Tensor]] | None = None  # the last _dense_after: first, last, activations
 
     def copy(self) -> "_Cursor":
         return _Cursor(self.rows, self.position, self.hidden, list(self.calls), self.original)

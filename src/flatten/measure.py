@@ -6,6 +6,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -58,17 +59,26 @@ class PeakMemory:
 
 
 class Stopwatch:
-    """Seconds spent per named phase, summed over repeats: ``with watch("phase"): ...``; ``watch.seconds``."""
+    """Seconds spent per named phase, summed over repeats: ``with watch("phase"): ...``; ``watch.seconds``.
+    ``Stopwatch.synchronize``, where set (e.g. to ``torch.cuda.synchronize``), is called as each phase starts
+    and ends, so that a phase is charged with the GPU work it queued rather than the next phase that waits."""
+
+    synchronize: Callable[[], object] | None = None
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str):
+        synchronize = type(self).synchronize  # read on the class: a function stored there is not bound
+        if synchronize is not None:
+            synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            if synchronize is not None:
+                synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def rounded(self) -> dict[str, float]:

@@ -44,7 +44,9 @@ def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     g = gram[keep][:, keep]
     rhs = cross[keep] + lam * weight.double()[:, keep].T
-    solved = torch.linalg.solve(g + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device), rhs)
+    g.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(g)  # positive definite unless rounding made the Gram matrix indefinite
+    solved = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
     return solved.T.to(weight.dtype)
 
 
