@@ -1,5 +1,5 @@
 """A merge chosen by its objective (``select="objective"``) never misses its target by more than the absorb
-(keeping the first block whole, its ``down_proj`` refitted) that is among its candidates."""
+that is among its candidates; held out, it judges them on batches they were not refitted on."""
 
 import pytest
 import torch
@@ -66,3 +66,22 @@ def test_the_cut_merges_with_the_objective_and_the_plan_replays():
     assert len(model.model.layers) == 4
     assert all(m.selection is not None for m in plan.merges)
     torch.testing.assert_close(plan.apply(tiny_model(spec))(calibration).logits, model(calibration).logits)
+
+
+def test_held_out_judges_each_candidate_on_batches_it_was_not_refitted_on():
+    spec = TinySpec("qwen2", 2, 2, 2, 4, 12, num_layers=3, bias=True, dtype=torch.float64)
+    calibration = torch.randint(0, 61, (8, 9), generator=torch.Generator().manual_seed(6))
+    pair, hidden, calls = pair_inputs(tiny_model(spec), 0, calibration)  # four batches
+    targets = pair_outputs(pair, hidden, calls, None)[1]
+    even, odd = slice(0, None, 2), slice(1, None, 2)
+    absorb, _ = merge_pair(pair, get_scorer("reconstruction"), hidden[even], calls[even], targets=targets[even],
+                           keep="first")
+    _, merge = merge_pair(pair, get_scorer("reconstruction"), hidden, calls, targets=targets, select="held-out")
+
+    residuals = merge.selection["residuals"]
+    assert merge.selection["judged_on"] == "held-out batches"
+    assert residuals["block 1 whole / block 1 whole"] == pytest.approx(
+        _missed(absorb, hidden[odd], calls[odd], targets[odd]), rel=1e-9, abs=1e-12)
+    assert residuals[f"{merge.selection['groups']} / {merge.selection['channels']}"] == min(residuals.values())
+    with pytest.raises(ValueError, match="at least two batches, got 1"):
+        merge_pair(pair, get_scorer("reconstruction"), hidden[:1], calls[:1], targets=targets[:1], select="held-out")

@@ -53,7 +53,8 @@ class Flattener(Compressor):
     compensates merges and absorbs (the default, ``reconstruction``, is the paper's recipe with our
     additions; ``flattengpt`` is the paper's own); ``select="objective"`` lets the scorer's rankings propose
     candidates and keeps the one whose block misses its target least, each block kept whole among them
-    (``flatten.recipe.merge_by_objective``). ``similarity`` names a measure of
+    (``flatten.recipe.merge_by_objective``); ``select="held-out"`` judges them on calibration batches they
+    were not refitted on. ``similarity`` names a measure of
     ``flatten.criteria.SIMILARITIES`` (for the similarity policies). Every decision for a block is made on the
     activations that reach it in the already-compressed model below it (sequential calibration). ``device``
     is where blocks are computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
@@ -108,9 +109,10 @@ class Flattener(Compressor):
                                                "reconstruction or loss"] = False,
                  token_weighting: Annotated[str, "none or input-rms: how each token's error counts"] = "none",
                  fit_to: Annotated[str, "dense (the original model's activations) or pair: what refits fit"] = "dense",
-                 select: Annotated[str, "how a pruned merge chooses: scorer (the scorer's choice, the paper) or "
+                 select: Annotated[str, "how a pruned merge chooses: scorer (the scorer's choice, the paper), "
                                    "objective (the scorer ranks; the candidate that misses the target least, a "
-                                   "whole block among them, is kept)"] = "scorer"):
+                                   "whole block among them, is kept) or held-out (the same, each candidate "
+                                   "refitted on half the calibration batches and judged on the other half)"] = "scorer"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "

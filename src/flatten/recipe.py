@@ -5,6 +5,7 @@ at the end take the same steps and stop early."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,7 @@ class _Recipe:
                      None if channels.weight is None else channels.weight.to(self.home))
 
 
-SELECTIONS = ("scorer", "objective")
+SELECTIONS = ("scorer", "objective", "held-out")
 
 
 def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
@@ -124,8 +125,8 @@ def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], cal
         raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
     wide = recipe.wide()
-    if select == "objective" and keep is None:
-        return merge_by_objective(recipe, wide, targets)
+    if select in ("objective", "held-out") and keep is None:
+        return merge_by_objective(recipe, wide, targets, held_out=select == "held-out")
     groups = recipe.groups(wide, keep)
     half = recipe.half(wide, groups)
     channels = recipe.channels(half, targets, keep)
@@ -166,7 +167,8 @@ def _splits(count: int) -> list[int]:
     return sorted({quarter, count // 2, count - quarter} & set(range(1, count)))
 
 
-def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] | None) -> tuple[nn.Module, Merge]:
+def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] | None,
+                       held_out: bool = False) -> tuple[nn.Module, Merge]:
     """The pruned block, of candidate selections, whose output misses ``targets`` least on the calibration
     tokens (``refit_residual``; default target: what the two blocks compute one after the other).
 
@@ -178,14 +180,56 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
     scorer's channel scores over both blocks and splits of a quarter, half and three quarters from the
     second block, each ``down_proj`` compensated by the scorer (and, where a scorer overrides
     ``select_channels``, its own choice). "Block 1 whole" for both is exactly what
-    ``keep="first"`` builds (the absorb), so the result never misses the target by more than the absorb does."""
-    g, f = recipe.want.num_kv_heads, recipe.want.intermediate_size
+    ``keep="first"`` builds (the absorb), so the result never misses the target by more than the absorb does.
+
+    ``held_out``: the candidates are refitted on the even calibration batches and judged on the odd ones
+    (what a refit misses on tokens it was not fitted to), and the winner is refitted on all of them."""
     if targets is None:
         with recipe.watch("targets: the two original blocks"):
             targets = pair_outputs(recipe.pair, recipe.hidden, recipe.calls, recipe.device)[1]
+    batches = _Batches(recipe.hidden, recipe.calls, targets, recipe.weights)
+    if not held_out:
+        best, residuals = _judge(recipe, wide, batches, batches)
+    else:
+        if len(batches.hidden) < 2:
+            raise ValueError("select='held-out' judges on other calibration batches than it fits on: it needs at "
+                             f"least two batches, got {len(batches.hidden)} (lower batch_size or add samples)")
+        best, residuals = _judge(recipe, wide, batches.part(0), batches.part(1))
+        best = _refit(recipe, wide, batches, *best)
+    (group_name, group), (channel_name, channels), _ = best
+    merge = recipe.record(group, channels)
+    merge.selection = {"groups": group_name, "channels": channel_name, "residuals": residuals,
+                       **({"judged_on": "held-out batches"} if held_out else {})}
+    with recipe.watch("flatten and prune"):
+        block = recipe.pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
+    return block.to(recipe.home), merge
+
+
+@dataclass
+class _Batches:
+    """Calibration batches at the pair's input: hidden states, the layers' other arguments, the targets and
+    the tokens' weights (or None)."""
+
+    hidden: list[Tensor]
+    calls: list
+    targets: list[Tensor]
+    weights: list[Tensor] | None
+
+    def part(self, parity: int) -> "_Batches":
+        """The even (0) or odd (1) batches."""
+        pick = slice(parity, None, 2)
+        return _Batches(self.hidden[pick], self.calls[pick], self.targets[pick],
+                        None if self.weights is None else self.weights[pick])
+
+
+def _judge(recipe: _Recipe, wide: nn.Module, fit: _Batches, judge: _Batches):
+    """Refit every candidate on ``fit`` and measure what it misses on ``judge`` (where they are the same
+    batches, their statistics are shared). Returns ``((group name, Choice), (channel name, Choice), residual)``
+    of the best candidate, and every residual by name."""
+    g, f = recipe.want.num_kv_heads, recipe.want.intermediate_size
     shape = recipe.arch.block_shape(wide, recipe.config)
     with recipe.watch("attention statistics"):
-        attention = attention_stats(wide, recipe.arch, shape, recipe.hidden, recipe.calls, recipe.weights)
+        attention = attention_stats(wide, recipe.arch, shape, fit.hidden, fit.calls, fit.weights)
     with recipe.watch("selection and refits"):
         own = recipe.scorer.select_groups(attention, g)
         ranks = recipe.scorer.score_groups(attention).double().cpu()  # indices stay on the CPU, as side()'s
@@ -199,8 +243,10 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
     for group_name, group in groups.items():
         half = recipe.half(wide, group)
         with recipe.watch("MLP statistics"):
-            stats = mlp_stats(half, recipe.arch, recipe.arch.block_shape(half, recipe.config), recipe.hidden,
-                              recipe.calls, targets, recipe.weights)
+            shape = recipe.arch.block_shape(half, recipe.config)
+            stats = mlp_stats(half, recipe.arch, shape, fit.hidden, fit.calls, fit.targets, fit.weights)
+            judged = stats if judge is fit else \
+                mlp_stats(half, recipe.arch, shape, judge.hidden, judge.calls, judge.targets, judge.weights)
         del half
         with recipe.watch("selection and refits"):
             choices = {}
@@ -211,17 +257,33 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
             for channel_name, keep in _candidates(channel_scores, f, _splits(f)).items():
                 choices[channel_name] = Choice(keep, recipe.scorer.compensate_channels(stats, keep))
             for channel_name, choice in choices.items():
-                residual = refit_residual(stats, choice.keep.cpu(), choice.weight)
+                residual = refit_residual(judged, choice.keep.cpu(), choice.weight)
                 residuals[f"{group_name} / {channel_name}"] = residual
-                if best is None or residual < best[0]:
-                    best = residual, group_name, group, channel_name, choice
-        del stats
-    _, group_name, group, channel_name, channels = best
-    merge = recipe.record(group, channels)
-    merge.selection = {"groups": group_name, "channels": channel_name, "residuals": residuals}
-    with recipe.watch("flatten and prune"):
-        block = recipe.pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
-    return block.to(recipe.home), merge
+                if best is None or residual < best[2]:
+                    best = (group_name, group), (channel_name, choice), residual
+        del stats, judged
+    return best, residuals
+
+
+def _refit(recipe: _Recipe, wide: nn.Module, batches: _Batches, group: tuple[str, Choice],
+           channels: tuple[str, Choice], residual: float):
+    """The candidate chosen (its kept groups and channels) compensated again by the scorer, on ``batches``."""
+    (group_name, group), (channel_name, channels) = group, channels
+    if group.weight is not None:
+        shape = recipe.arch.block_shape(wide, recipe.config)
+        with recipe.watch("attention statistics"):
+            attention = attention_stats(wide, recipe.arch, shape, batches.hidden, batches.calls, batches.weights)
+        with recipe.watch("selection and refits"):
+            group = Choice(group.keep, recipe.scorer.compensate_groups(attention, group.keep))
+    half = recipe.half(wide, group)
+    with recipe.watch("MLP statistics"):
+        stats = mlp_stats(half, recipe.arch, recipe.arch.block_shape(half, recipe.config), batches.hidden,
+                          batches.calls, batches.targets, batches.weights)
+    del half
+    if channels.weight is not None:
+        with recipe.watch("selection and refits"):
+            channels = Choice(channels.keep, recipe.scorer.compensate_channels(stats, channels.keep))
+    return (group_name, group), (channel_name, channels), residual
 
 
 def flatten_only(pair: BlockPair, *_, **__) -> tuple[nn.Module, Merge]:
