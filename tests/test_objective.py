@@ -1,5 +1,6 @@
 """A merge chosen by its objective (``select="objective"``) never misses its target by more than the absorb
-that is among its candidates; held out, it judges them on batches they were not refitted on."""
+(keeping the first block whole, its ``down_proj`` refitted) that is among its candidates; ``select="held-out"``
+judges the candidates on calibration batches they were not refitted on."""
 
 import pytest
 import torch
