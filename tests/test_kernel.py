@@ -1,17 +1,27 @@
 """The flattening identity (docs/method.md section 2) and the pruning kernel, over tiny random models."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatten import ARCHITECTURES, BlockPair, architecture_for, flatten_blocks, fold_norms, prune_block
-from tiny import BlockRunner, random_hidden, tiny_model, tiny_specs, tolerance
+from tiny import BlockRunner, mergeable, random_hidden, tiny_model, tiny_specs, tolerance
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES.names())
+def side_by_side(run, first, second, x):
+    """The right-hand side of the flattening identity (docs/method.md section 2) for two pre-norm blocks."""
+    u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
+    return u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
+
+
+# OLMo 2's merges are refused (its norms after the sub-layers and over all heads' q and k: merge_refusal),
+# Qwen3's exact only where two blocks' q/k norms are equal (tiny_model makes them so): tests/test_families.py
+@pytest.mark.parametrize("model_type", mergeable())
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), length=st.integers(1, 9), data=st.data())
 def test_wide_block_computes_both_blocks_side_by_side(model_type, batch, length, data):
@@ -24,15 +34,14 @@ def test_wide_block_computes_both_blocks_side_by_side(model_type, batch, length,
     x = random_hidden(spec, batch, length)
     run = BlockRunner(model, x)
     with torch.no_grad():
-        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
-        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
+        y = side_by_side(run, first, second, x)
         got = run.block(wide, x)
     assert type(wide) is type(first)
     torch.testing.assert_close(got, y, **tolerance(spec.dtype))
 
 
 @SETTINGS
-@given(spec=tiny_specs(), length=st.integers(1, 9))
+@given(spec=tiny_specs(ARCHITECTURES.names()), length=st.integers(1, 9))
 def test_folding_norms_leaves_a_block_unchanged(spec, length):
     model = tiny_model(spec)
     arch = architecture_for(model)
@@ -42,13 +51,16 @@ def test_folding_norms_leaves_a_block_unchanged(spec, length):
     run = BlockRunner(model, x)
     with torch.no_grad():
         torch.testing.assert_close(run.block(folded, x), run.block(block, x), **tolerance(spec.dtype))
-    assert torch.equal(folded.input_layernorm.weight, torch.ones_like(block.input_layernorm.weight))
-    assert torch.equal(folded.post_attention_layernorm.weight, torch.ones_like(block.input_layernorm.weight))
+    for norm, _ in arch.pre_norms:
+        assert torch.equal(folded.get_submodule(norm).weight, torch.ones_like(block.get_submodule(norm).weight))
+    for norm in set(arch.norms) - {norm for norm, _ in arch.pre_norms}:  # after a sub-layer, on q/k: kept
+        assert torch.equal(folded.get_submodule(norm).weight, block.get_submodule(norm).weight)
 
 
 @SETTINGS
-@given(spec=tiny_specs(), length=st.integers(1, 9))
-def test_flattening_with_a_silent_block_then_keeping_the_first_gives_the_first_back(spec, length):
+@given(spec=tiny_specs(ARCHITECTURES.names()), length=st.integers(1, 9), same_qk_norms=st.booleans())
+def test_flattening_with_a_silent_block_then_keeping_the_first_gives_the_first_back(spec, length, same_qk_norms):
+    spec = replace(spec, same_qk_norms=same_qk_norms)
     model = tiny_model(spec)
     first, second = model.model.layers[0], model.model.layers[1]
     with torch.no_grad():
@@ -70,13 +82,15 @@ def _snapshot(module):
 
 
 def _folded(block, reader, norm):
-    return block.get_submodule(reader).weight.detach() * block.get_submodule(norm).weight.detach()
+    weight = block.get_submodule(reader).weight.detach()
+    return weight if norm is None else weight * block.get_submodule(norm).weight.detach()
 
 
 @SETTINGS
-@given(spec=tiny_specs())
-def test_flatten_builds_exactly_the_concatenated_weights_and_touches_nothing_else(spec):
-    model = tiny_model(spec)
+@given(spec=tiny_specs(ARCHITECTURES.names()), same_qk_norms=st.booleans())
+def test_flatten_builds_exactly_the_concatenated_weights_and_touches_nothing_else(spec, same_qk_norms):
+    model = tiny_model(replace(spec, same_qk_norms=same_qk_norms))
+    arch = architecture_for(model)
     before = _snapshot(model)
     first, second = model.model.layers[0], model.model.layers[1]
     wide = BlockPair(model, first, second).flatten()
@@ -84,9 +98,9 @@ def test_flatten_builds_exactly_the_concatenated_weights_and_touches_nothing_els
     after = _snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     expected = {}
-    for norm, readers in (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
-                          ("post_attention_layernorm", ("gate_proj", "up_proj"))):
-        expected[f"{norm}.weight"] = torch.ones(spec.hidden_size, dtype=spec.dtype)
+    for norm, readers in ((arch.attn_norm, ("q_proj", "k_proj", "v_proj")), (arch.mlp_norm, ("gate_proj", "up_proj"))):
+        if norm is not None:
+            expected[f"{norm}.weight"] = torch.ones(spec.hidden_size, dtype=spec.dtype)
         for name in readers:
             path = f"{'mlp' if name in ('gate_proj', 'up_proj') else 'self_attn'}.{name}"
             expected[f"{path}.weight"] = torch.cat([_folded(first, path, norm), _folded(second, path, norm)])
@@ -96,6 +110,13 @@ def test_flatten_builds_exactly_the_concatenated_weights_and_touches_nothing_els
         expected[f"{path}.weight"] = torch.cat([first.get_submodule(path).weight, second.get_submodule(path).weight], 1)
         if first.get_submodule(path).bias is not None:
             expected[f"{path}.bias"] = first.get_submodule(path).bias + second.get_submodule(path).bias
+    for norm in (arch.q_norm, arch.k_norm, arch.attn_post_norm, arch.mlp_post_norm):  # the first block's, or both
+        if norm is not None:
+            pair = [first.get_submodule(norm).weight, second.get_submodule(norm).weight]
+            both = norm in (arch.q_norm, arch.k_norm) and arch.qk_norm == "channel"
+            expected[f"{norm}.weight"] = torch.cat(pair) if both else pair[0]
+    exact = arch.merge_refusal is None and (same_qk_norms or arch.q_norm is None)
+    assert (getattr(wide, "flatten_inexact", None) is None) == exact
     got = _snapshot(wide)
     assert got.keys() == expected.keys()
     for key in got:
@@ -150,6 +171,4 @@ def test_a_pruned_block_flattens_again_exactly(spec, length):
     x = random_hidden(spec, 1, length)
     run = BlockRunner(model, x)
     with torch.no_grad():
-        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
-        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
-        torch.testing.assert_close(run.block(wide, x), y, **tolerance(spec.dtype))
+        torch.testing.assert_close(run.block(wide, x), side_by_side(run, first, second, x), **tolerance(spec.dtype))

@@ -1,5 +1,7 @@
 """verify_architecture: a registered description checked on a tiny random model of its family."""
 
+from dataclasses import replace
+
 import pytest
 from transformers import AutoConfig
 
@@ -42,3 +44,42 @@ def test_wrong_paths_are_caught():
 def test_an_unknown_norm_form_is_refused_at_registration():
     with pytest.raises(ValueError, match=r"declares norm 'layer', which the kernel cannot fold; it folds only"):
         Architecture("somefamily", norm="layer")
+
+
+@pytest.mark.parametrize("declared, caught", [
+    ({"qk_norm": "channel"}, r"q_norm has 8 weights; a 'channel' q/k norm .* has 32 here"),
+    ({"q_norm": None, "k_norm": None}, r"does not describe: \['self_attn.k_norm.weight', 'self_attn.q_norm.weight'\]"),
+])
+def test_a_wrong_qk_norm_is_caught(declared, caught):
+    qwen3 = ARCHITECTURES.get("qwen3")
+    register_architecture(replace(qwen3, **declared), replace=True)
+    try:
+        with pytest.raises(ValueError, match=caught):
+            verify_architecture(AutoConfig.for_model("qwen3"))
+    finally:
+        register_architecture(qwen3, replace=True)
+
+
+def test_norms_declared_in_the_wrong_place_are_caught():
+    """OLMo 2 with its two post-norms swapped: the kernel alone would not notice (it treats both alike)."""
+    olmo2 = ARCHITECTURES.get("olmo2")
+    register_architecture(replace(olmo2, attn_post_norm=olmo2.mlp_post_norm, mlp_post_norm=olmo2.attn_post_norm),
+                          replace=True)
+    try:
+        with pytest.raises(ValueError, match="the MLP's input is not what the description's norms"):
+            verify_architecture(AutoConfig.for_model("olmo2"))
+    finally:
+        register_architecture(olmo2, replace=True)
+
+
+@pytest.mark.parametrize("declared, refused", [
+    ({"qk_norm": "rows"}, r"declares qk_norm 'rows'; known: 'head': .*; 'channel': "),
+    ({"q_norm": "self_attn.q_norm"}, r"declares q_norm='self_attn.q_norm' and k_norm=None: .* both .* or neither"),
+    ({"attn_norm": None}, r"declares no norm around its attention: each sub-layer needs a norm before it"),
+    ({"mlp_norm": None}, r"declares no norm around its MLP"),
+    ({"attn_norm": None, "attn_post_norm": "post_attention_layernorm"},
+     r"names 'post_attention_layernorm' twice, as mlp_norm and as attn_post_norm"),
+])
+def test_a_description_the_code_cannot_honour_is_refused_at_registration(declared, refused):
+    with pytest.raises(ValueError, match=refused):
+        Architecture("somefamily", **declared)

@@ -24,6 +24,7 @@ class TinySpec:
     dtype: torch.dtype = torch.float64
     attn_implementation: str = "eager"
     seed: int = 0
+    same_qk_norms: bool = True  # q/k norm weights equal in every block (Qwen3's merges are exact only then)
 
     @property
     def num_heads(self) -> int:
@@ -34,10 +35,16 @@ class TinySpec:
         return self.num_heads * self.hidden_multiple
 
 
+def mergeable() -> list[str]:
+    """The registered families whose blocks can flatten exactly (OLMo 2's cannot: ``merge_refusal`` says why)."""
+    return [name for name in ARCHITECTURES.names() if ARCHITECTURES.get(name).merge_refusal is None]
+
+
 def tiny_specs(model_types=None, dtypes=(torch.float32, torch.float64), num_layers=st.integers(2, 5)):
+    """Tiny specs of ``model_types`` (default: the families whose merges can be exact, ``mergeable()``)."""
     return st.builds(
         TinySpec,
-        model_type=st.sampled_from(model_types or ARCHITECTURES.names()),
+        model_type=st.sampled_from(model_types or mergeable()),
         hidden_multiple=st.integers(1, 4),
         num_kv_heads=st.integers(1, 3),
         group_size=st.integers(1, 4),
@@ -77,6 +84,11 @@ def tiny_model(spec: TinySpec, **config_overrides):
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / p.shape[-1] ** 0.5)
+        if spec.same_qk_norms and arch.q_norm is not None:
+            first = arch.layers_of(model)[0]
+            for block in arch.layers_of(model)[1:]:
+                for path in (arch.q_norm, arch.k_norm):
+                    block.get_submodule(path).weight.copy_(first.get_submodule(path).weight)
     assert architecture_for(model) is arch
     return model
 

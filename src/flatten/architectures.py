@@ -1,9 +1,10 @@
-"""Architecture adapters: where a pre-norm decoder block keeps its norms and projections.
+"""Architecture adapters: where a decoder block keeps its norms and projections, and where its norms sit.
 
 An adapter is data, not code. Every path is an attribute path relative to one decoder block (or, for
 ``layers``, relative to the ``*ForCausalLM`` model); config fields are attribute names on the model's config.
 A new LLaMA-like family is one ``register_architecture(Architecture("name"))`` call, with overrides only
-where its names differ.
+where its names differ. A norm sits before a sub-layer (its weight folds into the projections that read it),
+after it (on its output, before the residual add: OLMo 2), or on the projected queries and keys (Qwen3, OLMo 2).
 """
 
 from __future__ import annotations
@@ -42,17 +43,31 @@ class BlockShape:
 
 
 NORMS = {"rms": "weight * x / rms(x)", "rms+1": "(1 + weight) * x / rms(x)"}  # what the kernel can fold
+QK_NORMS = {  # what a q/k norm normalises over
+    "head": "each head's query (key) alone, with one weight of head_dim shared by every head (Qwen3)",
+    "channel": "all heads' queries (keys) together, with one weight per channel (OLMo 2)",
+}
+# registered strategies by what they need of a block, for refusals that say what runs on a family
+DROPS = ("shortgpt", "sleb", "angular", "blockpruner", "laco")  # delete blocks, silence or collapse sub-layers
+REFITS = ("cut-absorb", "replaceme", "prune-only")  # refit a down_proj by least squares; blocks kept whole
+MERGES = ("flattengpt", "cut-merge")  # lay two blocks side by side and prune back
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where a family keeps the parts of a pre-norm decoder block, and what its norms compute (``norm``, a
-    key of ``NORMS``). ``flatten.verify_architecture(model)`` checks a description on a tiny random model."""
+    """Where a family keeps the parts of a decoder block, where its norms sit and what they compute (``norm``,
+    a key of ``NORMS``; ``qk_norm``, a key of ``QK_NORMS``). A norm path of None: the block has no such norm.
+    ``flatten.verify_architecture(model)`` checks a description on a tiny random model."""
 
     model_type: str
     layers: str = "model.layers"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
+    attn_norm: str | None = "input_layernorm"  # before the attention
+    mlp_norm: str | None = "post_attention_layernorm"  # before the MLP
+    attn_post_norm: str | None = None  # on the attention's output (after o_proj), before the residual add
+    mlp_post_norm: str | None = None  # on the MLP's output (after down_proj), before the residual add
+    q_norm: str | None = None  # on the projected queries, before RoPE
+    k_norm: str | None = None  # on the projected keys, before RoPE
+    qk_norm: str = "head"
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
     v_proj: str = "self_attn.v_proj"
@@ -77,6 +92,23 @@ class Architecture:
             known = "; ".join(f"{key!r}: {form}" for key, form in NORMS.items())
             raise ValueError(f"architecture {self.model_type!r} declares norm {self.norm!r}, which the kernel "
                              f"cannot fold; it folds only these ({known})")
+        if self.qk_norm not in QK_NORMS:
+            known = "; ".join(f"{key!r}: over {form}" for key, form in QK_NORMS.items())
+            raise ValueError(f"architecture {self.model_type!r} declares qk_norm {self.qk_norm!r}; known: {known}")
+        if (self.q_norm is None) != (self.k_norm is None):
+            raise ValueError(f"architecture {self.model_type!r} declares q_norm={self.q_norm!r} and "
+                             f"k_norm={self.k_norm!r}: a block normalises both queries and keys, or neither")
+        for sublayer, before, after in (("attention", "attn_norm", "attn_post_norm"), ("MLP", "mlp_norm", "mlp_post_norm")):
+            if getattr(self, before) is None and getattr(self, after) is None:
+                raise ValueError(f"architecture {self.model_type!r} declares no norm around its {sublayer}: each "
+                                 f"sub-layer needs a norm before it ({before}), after it ({after}) or both")
+        named: dict[str, str] = {}
+        for field in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm", "q_proj",
+                      "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            path = getattr(self, field)
+            if path is not None and named.setdefault(path, field) != field:
+                raise ValueError(f"architecture {self.model_type!r} names {path!r} twice, as {named[path]} and as "
+                                 f"{field} (set the one the block does not have to None)")
 
     def norm_scale(self, weight: Tensor) -> Tensor:
         """The per-channel factor a norm with this ``weight`` applies after dividing by ``rms(x)``."""
@@ -102,8 +134,60 @@ class Architecture:
         return (self.o_proj, self.down_proj)
 
     @property
+    def pre_norms(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Each norm before a sub-layer, with the projections that read its output (its weight folds into them)."""
+        return tuple((norm, readers) for norm, readers in ((self.attn_norm, self.attn_readers),
+                                                           (self.mlp_norm, self.mlp_readers)) if norm is not None)
+
+    @property
     def norms(self) -> tuple[str, ...]:
-        return (self.attn_norm, self.mlp_norm)
+        """Every norm of the block: before and after the sub-layers, on the queries and keys."""
+        return tuple(path for path in (self.attn_norm, self.mlp_norm, self.attn_post_norm, self.mlp_post_norm,
+                                       self.q_norm, self.k_norm) if path is not None)
+
+    @property
+    def attention_inexact(self) -> str | None:
+        """Why no two blocks' attentions of this family lie side by side exactly in one block (None: they do,
+        up to a shared q/k norm, see ``flatten.merge.flatten_blocks``)."""
+        reasons = []
+        if self.attn_post_norm is not None:
+            reasons.append(f"{self.attn_post_norm} normalises the attention's output after o_proj, and the norm of "
+                           "two blocks' outputs summed is not the sum of their norms (nor is the output linear in "
+                           "o_proj)")
+        if self.q_norm is not None and self.qk_norm == "channel":
+            reasons.append(f"{self.q_norm} and {self.k_norm} take the RMS over all heads' queries (keys) together, "
+                           "so in a wide block it would run over both blocks' heads, and over fewer heads in a "
+                           "block that keeps only some")
+        return "; ".join(reasons) or None
+
+    @property
+    def mlp_inexact(self) -> str | None:
+        """Why no two blocks' MLPs of this family lie side by side exactly, and a least-squares refit of
+        ``down_proj`` is not a least-squares fit of the block's output (None: both hold)."""
+        if self.mlp_post_norm is None:
+            return None
+        return (f"{self.mlp_post_norm} normalises the MLP's output after down_proj, so the block's output is not "
+                "linear in down_proj (a least-squares refit of it does not fit the output) and the norm of two "
+                "MLPs' outputs summed is not the sum of their norms")
+
+    @property
+    def merge_refusal(self) -> str | None:
+        """Why no two blocks of this family flatten into one exactly (None: they can)."""
+        return "; ".join(r for r in (self.attention_inexact, self.mlp_inexact) if r) or None
+
+    def runs(self) -> str:
+        """The registered strategies that run on this family, in words, for refusals."""
+        names = list(DROPS) + ([] if self.mlp_inexact else list(REFITS))
+        text = ", ".join(names)
+        if self.merge_refusal is None:
+            text += ", " + ", ".join(MERGES)
+            if self.q_norm is not None:
+                text += f" (merges only of two blocks whose {self.q_norm} and {self.k_norm} weights are equal)"
+        return text
+
+    def refusal(self, what: str, why: str) -> str:
+        """The message of a refused step: what, why, and what runs instead."""
+        return f"{what} is refused on {self.model_type!r}: {why}. Strategies that run on {self.model_type!r}: {self.runs()}"
 
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         try:
@@ -134,6 +218,13 @@ class Architecture:
         q_rows = block.get_submodule(self.q_proj).weight.shape[0]
         k_rows = block.get_submodule(self.k_proj).weight.shape[0]
         channels = block.get_submodule(self.gate_proj).weight.shape[0]
+        if self.q_norm is not None:
+            for path, rows in ((self.q_norm, q_rows), (self.k_norm, k_rows)):
+                size, want = block.get_submodule(path).weight.numel(), head_dim if self.qk_norm == "head" else rows
+                if size != want:
+                    raise ValueError(f"{type(block).__name__}.{path} has {size} weights; a {self.qk_norm!r} q/k norm "
+                                     f"(over {QK_NORMS[self.qk_norm]}) has {want} here: check qk_norm of "
+                                     f"architecture {self.model_type!r}")
         return BlockShape(q_rows // head_dim, k_rows // head_dim, head_dim, channels)
 
     def config_with_shape(self, config, shape: BlockShape):
@@ -186,3 +277,8 @@ def architecture_for(model_or_config) -> Architecture:
 register_architecture(Architecture("llama"))
 register_architecture(Architecture("mistral"))
 register_architecture(Architecture("qwen2", layer_count_fields=("max_window_layers",)))
+register_architecture(Architecture("qwen3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm="head",
+                                   layer_count_fields=("max_window_layers",)))
+register_architecture(Architecture("olmo2", attn_norm=None, mlp_norm=None, attn_post_norm="post_attention_layernorm",
+                                   mlp_post_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm",
+                                   k_norm="self_attn.k_norm", qk_norm="channel"))

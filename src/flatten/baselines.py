@@ -414,6 +414,8 @@ class PruneOnly(Baseline):
                  scorer: Annotated[str | ChannelScorer, "what each MLP keeps and how it is refitted"] = "reconstruction",
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        if self.arch.mlp_inexact:
+            raise ValueError(self.arch.refusal("prune-only (it refits each down_proj)", self.arch.mlp_inexact))
         self.scorer = get_scorer(scorer)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
 
@@ -511,6 +513,8 @@ class ReplaceMe(_ContiguousCut):
                  ridge: Annotated[float, "ridge of the map's least squares, in units of the mean eigenvalue"] = 0.0,
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, tokens=tokens, batch_size=batch_size, device=device, progress=progress)
+        if self.arch.mlp_inexact:
+            raise ValueError(self.arch.refusal("ReplaceMe (its map is folded into a down_proj)", self.arch.mlp_inexact))
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
         self.ridge = float(ridge)

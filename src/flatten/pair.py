@@ -59,7 +59,9 @@ class BlockPair:
         return self._layers()[self.index + 1]
 
     def flatten(self) -> nn.Module:
-        """The wide block of docs/method.md section 2 (a new module; the model is not changed)."""
+        """The wide block of docs/method.md section 2 (a new module; the model is not changed). Where the
+        family's norms keep it from being the two blocks side by side (``flatten.merge.flatten_blocks``), it
+        refuses to compute and prunes back only to one block's attention and MLP whole, with the reason."""
         return flatten_blocks(self.first, self.second, self.arch, self.model.config, self.index)
 
     def prune(self, wide: nn.Module, keep_groups, keep_channels, o_proj: Tensor | None = None,

@@ -7,6 +7,7 @@ through an ``Architecture`` description and takes every selection and compensati
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -44,14 +45,15 @@ def _state(block: nn.Module, arch: Architecture, device: torch.device | None = N
 
 
 def folded_state(block: nn.Module, arch: Architecture, device: torch.device | None = None) -> dict[str, Tensor]:
-    """The block's tensors with each norm's per-channel factor folded into the projections that read it, on
-    ``device`` (default: where the block computes).
+    """The block's tensors with each pre-norm's per-channel factor folded into the projections that read it,
+    on ``device`` (default: where the block computes).
 
     ``W <- W * gamma`` (input columns), then the norm's factor becomes 1: an exact rewrite of the block.
+    Norms after a sub-layer and q/k norms divide by an RMS taken after their weights would apply: they stay.
     """
     arch.check_block(block)
     state = {name: t.clone() for name, t in _state(block, arch, device).items()}
-    for norm, readers in ((arch.attn_norm, arch.attn_readers), (arch.mlp_norm, arch.mlp_readers)):
+    for norm, readers in arch.pre_norms:
         gamma = arch.norm_scale(state[f"{norm}.weight"])
         for reader in readers:
             weight = state[f"{reader}.weight"]
@@ -73,6 +75,35 @@ def _bias_pair(a: dict, b: dict, key: str) -> tuple[Tensor | None, Tensor | None
     return bias_a, bias_b
 
 
+@dataclass(frozen=True)
+class Inexact:
+    """Why a wide block is not its two blocks side by side (``wide.flatten_inexact``), and what lets it be
+    pruned back to one block whole exactly. Such a block refuses to compute; ``select_block`` keeps only one
+    block's attention (MLP) whole from it, where ``attention`` (``mlp``) says why, and no refit of them."""
+
+    attention: str | None  # why its attention is not the two attentions summed (None: it is)
+    mlp: str | None  # why its MLP is not the two MLPs summed (None: it is)
+    groups: int  # KV groups of each block
+    channels: int  # MLP channels of each block
+    norms: tuple[dict[str, Tensor], dict[str, Tensor]]  # each block's norms the wide block holds only the first's of
+    what: str  # which blocks, for messages
+    arch: Architecture
+
+    def message(self, what: str, *reasons: str | None) -> str:
+        why = "; ".join(reason for reason in reasons if reason)
+        return self.arch.refusal(f"{what} the wide block of {self.what}", f"they do not lie side by side exactly: {why}")
+
+
+def _refuse_to_compute(block: nn.Module, args) -> None:
+    inexact = block.flatten_inexact
+    raise ValueError(inexact.message("a merge (it scores and keeps heads and channels of both blocks) computing with",
+                                     inexact.attention, inexact.mlp))
+
+
+def _differing(a: dict[str, Tensor], b: dict[str, Tensor], paths: tuple[str, ...]) -> list[str]:
+    return [path for path in paths if not torch.equal(a[f"{path}.weight"], b[f"{path}.weight"])]
+
+
 def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, config, layer_idx: int) -> nn.Module:
     """One wide block computing ``u = x + A1(N1 x) + A2(N2 x)``, ``y = u + M1(N1' u) + M2(N2' u)``.
 
@@ -80,6 +111,13 @@ def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, conf
     query heads ``j*G .. j*G+G-1`` and stock GQA code computes the wide block correctly. The wide block is
     built where ``first`` computes; ``second``'s weights are read onto that device (the blocks of a model
     dispatched by accelerate may live on different devices, or offloaded to CPU memory or disk).
+
+    Exact where the family's norms allow: pre-norms fold; a q/k norm of one weight per head (Qwen3) is shared
+    by all heads of the wide block, which is exact only where the two blocks' q/k norm weights are equal.
+    Otherwise (those weights differ, a q/k norm over all heads, a norm after a sub-layer) the wide block holds
+    the first block's norms (q/k norms over all heads side by side), carries ``flatten_inexact`` (an
+    ``Inexact``) and refuses to compute: pruned back to one block's attention and MLP whole it gives that
+    block exactly (an absorb, a drop); anything else is refused with the reason.
     """
     if type(first) is not type(second):
         raise TypeError(f"cannot flatten a {type(first).__name__} with a {type(second).__name__}")
@@ -95,6 +133,13 @@ def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, conf
     wide: dict[str, Tensor] = {}
     for norm in arch.norms:
         wide[f"{norm}.weight"] = a[f"{norm}.weight"]
+    shared = ()  # norms the wide block holds one of: the first block's
+    if arch.q_norm is not None and arch.qk_norm == "channel":
+        for norm in (arch.q_norm, arch.k_norm):
+            wide[f"{norm}.weight"] = torch.cat([a[f"{norm}.weight"], b[f"{norm}.weight"]])
+    elif arch.q_norm is not None:
+        shared = (arch.q_norm, arch.k_norm)
+    shared += tuple(path for path in (arch.attn_post_norm, arch.mlp_post_norm) if path is not None)
     for reader in arch.attn_readers + arch.mlp_readers:
         wide[f"{reader}.weight"] = torch.cat([a[f"{reader}.weight"], b[f"{reader}.weight"]], dim=0)
         bias_a, bias_b = _bias_pair(a, b, f"{reader}.bias")
@@ -108,7 +153,19 @@ def flatten_blocks(first: nn.Module, second: nn.Module, arch: Architecture, conf
 
     wide_shape = BlockShape(2 * shape_a.num_heads, 2 * shape_a.num_kv_heads, shape_a.head_dim,
                             2 * shape_a.intermediate_size)
-    return build_block(first, arch, config, wide_shape, layer_idx, wide)
+    block = build_block(first, arch, config, wide_shape, layer_idx, wide)
+    attention = arch.attention_inexact
+    if attention is None and arch.q_norm is not None:
+        differ = _differing(a, b, (arch.q_norm, arch.k_norm))
+        if differ:
+            attention = (f"their {' and '.join(differ)} weights differ, and a wide block has one of each, shared by "
+                         "all its heads")
+    if attention is not None or arch.mlp_inexact is not None:
+        norms = tuple({f"{path}.weight": state[f"{path}.weight"] for path in shared} for state in (a, b))
+        block.flatten_inexact = Inexact(attention, arch.mlp_inexact, shape_a.num_kv_heads,
+                                        shape_a.intermediate_size, norms, f"blocks {layer_idx} and {layer_idx + 1}", arch)
+        block.register_forward_pre_hook(_refuse_to_compute)
+    return block
 
 
 def _selection(indices, name: str, count: int | None, available: int) -> Tensor:
@@ -145,19 +202,62 @@ def _replacement(weight, name: str, like: Tensor) -> Tensor:
     return weight.detach().to(dtype=like.dtype, device=like.device).clone()
 
 
+def _whole(kept: Tensor, count: int) -> int | None:
+    """0 or 1 where ``kept`` (sorted) is all of the first or the second ``count`` of a wide block, else None."""
+    for side in (0, 1):
+        if torch.equal(kept, torch.arange(side * count, (side + 1) * count)):
+            return side
+    return None
+
+
+def _sides(block: nn.Module, arch: Architecture, have: BlockShape, groups: Tensor, channels: Tensor,
+           o_proj, down_proj) -> dict[str, Tensor]:
+    """The norm weights a selection of ``block`` must hold to be exact (those of the block kept whole, from a
+    wide block that could not hold both); raises where the selection would not be exact."""
+    inexact: Inexact | None = getattr(block, "flatten_inexact", None)
+    if inexact is None:
+        if arch.q_norm is not None and arch.qk_norm == "channel" and groups.numel() != have.num_kv_heads:
+            raise ValueError(arch.refusal("keeping some KV groups of a block", arch.attention_inexact))
+        for weight, name, why in ((o_proj, "o_proj", arch.attn_post_norm and arch.attention_inexact),
+                                  (down_proj, "down_proj", arch.mlp_inexact)):
+            if weight is not None and why:
+                raise ValueError(arch.refusal(f"a refit {name}", why))
+        return {}
+    side = {"attention": _whole(groups, inexact.groups), "mlp": _whole(channels, inexact.channels)}
+    refit = {"attention": o_proj is not None, "mlp": down_proj is not None}
+    norms = {}
+    for part, why in (("attention", inexact.attention), ("mlp", inexact.mlp)):
+        if why is None:
+            continue
+        if side[part] is None or refit[part]:
+            what = ("a merge keeping KV groups of both blocks or refitting o_proj from" if part == "attention" else
+                    "a merge or an absorb keeping MLP channels of both blocks or refitting down_proj from")
+            raise ValueError(inexact.message(what, why))
+        post = arch.attn_post_norm if part == "attention" else arch.mlp_post_norm
+        paths = {arch.q_norm, arch.k_norm, post} if part == "attention" else {post}
+        norms.update({key: t for key, t in inexact.norms[side[part]].items() if key.rsplit(".", 1)[0] in paths})
+    return norms
+
+
 def select_block(block: nn.Module, arch: Architecture, config, layer_idx: int, keep_groups, keep_channels,
                  o_proj: Tensor | None = None, down_proj: Tensor | None = None) -> nn.Module:
     """A block holding only ``keep_groups`` (a KV head and its query heads each) and ``keep_channels``
     (MLP channels) of ``block``, of any width; ``o_proj``/``down_proj`` optionally replace the writers'
     weights (compensation). Selections are sorted ascending; replacement weights are laid out in that order.
+
+    Refused where the result would not compute what it claims: some KV groups of a block whose q/k norms run
+    over all heads, a refit writer followed by a norm, and, from a wide block that is not its two blocks side
+    by side (``Inexact``), anything but one block's attention (MLP) whole, not refitted.
     """
     have = arch.block_shape(block, config)
     groups = _selection(keep_groups, "keep_groups", None, have.num_kv_heads)
     channels = _selection(keep_channels, "keep_channels", None, have.intermediate_size)
     q_rows = have.head_rows(groups)
     k_rows = have.kv_rows(groups)
+    norms = _sides(block, arch, have, groups, channels, o_proj, down_proj)
 
     state = {name: t.clone() for name, t in _state(block, arch).items()}
+    state.update({key: t.to(state[key].device).clone() for key, t in norms.items()})
 
     def take(path: str, rows: Tensor, dim: int, bias: bool) -> None:
         key = f"{path}.weight"
@@ -172,6 +272,9 @@ def select_block(block: nn.Module, arch: Architecture, config, layer_idx: int, k
     take(arch.gate_proj, channels, 0, bias=True)
     take(arch.up_proj, channels, 0, bias=True)
     take(arch.down_proj, channels, 1, bias=False)
+    if arch.q_norm is not None and arch.qk_norm == "channel":
+        take(arch.q_norm, q_rows, 0, bias=False)
+        take(arch.k_norm, k_rows, 0, bias=False)
     if o_proj is not None:
         key = f"{arch.o_proj}.weight"
         state[key] = _replacement(o_proj, "o_proj", state[key])

@@ -1,0 +1,209 @@
+"""Qwen3, OLMo 2 and Llama 3 (a LLaMA config with llama3 RoPE scaling) as registered families, on tiny random
+models built from their transformers configs: every strategy compresses one into a stock checkpoint or is
+refused with its reason; merges are exact where the math allows and refused where it does not."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flatten import (STRATEGIES, BlockPair, architecture_for, fold_norms, get_strategy, save_checkpoint,
+                     verify_architecture)
+from flatten.architectures import DROPS, MERGES, REFITS
+from flatten.merge import prune_block, select_block
+from tiny import BlockRunner, TinySpec, random_hidden, tiny_model, tolerance
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+# GQA everywhere; Qwen3's head_dim (4) is not hidden / heads (12 / 4); its blocks' q/k norms differ, as trained ones do
+FAMILIES = {
+    "qwen3": (TinySpec("qwen3", 3, 2, 2, 4, 20, num_layers=6, same_qk_norms=False), {}),
+    "olmo2": (TinySpec("olmo2", 2, 2, 2, 4, 20, num_layers=6), {}),
+    "llama3": (TinySpec("llama", 2, 2, 2, 4, 20, num_layers=6), {"rope_scaling": LLAMA3_ROPE}),
+}
+QWEN3_MERGE = r"their self_attn.q_norm and self_attn.k_norm weights differ, and a wide block has one of each"
+OLMO2_MERGE = (r"post_attention_layernorm normalises the attention's output after o_proj.*self_attn.q_norm and "
+               r"self_attn.k_norm take the RMS over all heads' queries \(keys\) together")
+OLMO2_REFIT = r"post_feedforward_layernorm normalises the MLP's output after down_proj, so the block's output is not linear"
+OLMO2_RUNS = r"Strategies that run on 'olmo2': shortgpt, sleb, angular, blockpruner, laco$"
+REFUSED = {  # strategy -> what its refusal says
+    "qwen3": {name: QWEN3_MERGE for name in MERGES},
+    "olmo2": {**{name: OLMO2_MERGE for name in MERGES}, **{name: OLMO2_REFIT for name in REFITS}},
+    "llama3": {},
+}
+OPTIONS = {"laco": {"collapse": 2}}  # its default collapses 4 blocks at a time: too many for 6
+CALIBRATION = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _model(family: str):
+    spec, overrides = FAMILIES[family]
+    return tiny_model(spec, **overrides)
+
+
+def _greedy(model, ids, use_cache):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                          use_cache=use_cache, pad_token_id=0)
+
+
+def test_every_registered_strategy_is_known_to_the_refusals():
+    assert set(DROPS + REFITS + MERGES) <= set(STRATEGIES.names())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_family_verifies(family):
+    model = _model(family)
+    verify_architecture(model)
+    assert architecture_for(model).model_type == FAMILIES[family][0].model_type
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_strategy_compresses_into_a_stock_checkpoint_or_says_why_not(family, strategy, tmp_path):
+    spec, _ = FAMILIES[family]
+    model = _model(family)
+    compressor = get_strategy(strategy)
+    if strategy in REFUSED[family]:
+        with pytest.raises(ValueError, match=REFUSED[family][strategy]) as refusal:
+            compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+        assert "Strategies that run on" in str(refusal.value)
+        if family == "olmo2":
+            assert refusal.match(OLMO2_RUNS)
+        return
+    compressed, record = compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+    assert compressed is model and record.method
+    layers = model.model.layers
+    assert len(layers) == model.config.num_hidden_layers <= spec.num_layers - (strategy not in ("blockpruner", "prune-only"))
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(len(layers)))
+
+    save_checkpoint(model, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=spec.dtype, attn_implementation="eager").eval()
+    assert type(reloaded) is type(model) and reloaded.config.num_hidden_layers == len(layers)
+    if family == "llama3":
+        assert reloaded.config.rope_parameters["rope_type"] == "llama3" and not reloaded.config.tie_word_embeddings
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+    assert torch.equal(_greedy(reloaded, ids, True), _greedy(reloaded, ids, False))
+    assert torch.equal(_greedy(model, ids, True), _greedy(reloaded, ids, True))
+
+
+def _state(block):
+    return {name: t.detach().clone() for name, t in block.state_dict().items()}
+
+
+def _assert_same_block(got, want, *, but=()):
+    a, b = _state(got), _state(want)
+    assert a.keys() == b.keys()
+    for key in a.keys() - set(but):
+        assert torch.equal(a[key], b[key]), key
+
+
+def _with_mlp_of(block, other, arch):
+    """``block`` with ``other``'s MLP and the norms around it."""
+    mixed = copy.deepcopy(block)
+    for path in ("mlp", arch.mlp_norm, arch.mlp_post_norm):
+        if path is not None:
+            mixed.set_submodule(path, copy.deepcopy(other.get_submodule(path)))
+    return mixed
+
+
+def _folded(block, arch, config):
+    return fold_norms(block, arch, config, block.self_attn.layer_idx)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_keeping_one_block_whole_from_a_wide_block_gives_that_block_exactly(family):
+    """An absorb keeps block 1's heads and channels (then refits down_proj), a drop either block's, both as they
+    were: their q/k norms and the norms after the sub-layers included, where the wide block holds only one."""
+    model = _model(family)
+    spec, arch, config = FAMILIES[family][0], architecture_for(model), model.config
+    first, second = model.model.layers[2], model.model.layers[3]
+    wide = BlockPair(model, 2).flatten()
+    g, f = spec.num_kv_heads, spec.intermediate_size
+    x = random_hidden(spec, 2, 6)
+    run = BlockRunner(model, x)
+    with torch.no_grad():
+        for groups, channels, want in ((range(g), range(f), first), (range(g, 2 * g), range(f, 2 * f), second),
+                                       (range(g), range(f, 2 * f), _with_mlp_of(first, second, arch))):
+            kept = prune_block(wide, arch, config, 2, groups, channels)
+            _assert_same_block(kept, _folded(want, arch, config))
+            torch.testing.assert_close(run.block(kept, x), run.block(want, x), **tolerance(spec.dtype))
+    if family == "qwen3":  # no norm after down_proj: the absorb's refit stands
+        down = torch.randn(spec.hidden_size, f, dtype=spec.dtype)
+        absorbed = prune_block(wide, arch, config, 2, range(g), range(f), down_proj=down)
+        _assert_same_block(absorbed, _folded(first, arch, config), but=["mlp.down_proj.weight"])
+        assert torch.equal(absorbed.mlp.down_proj.weight, down)
+
+
+def test_qwen3_blocks_with_equal_qk_norms_flatten_exactly_and_with_unequal_ones_are_refused():
+    spec, _ = FAMILIES["qwen3"]
+    model = _model("qwen3")
+    arch = architecture_for(model)
+    first, second = model.model.layers[0], model.model.layers[1]
+    x = random_hidden(spec, 2, 6)
+    run = BlockRunner(model, x)
+    wide = BlockPair(model, 0).flatten()
+    with pytest.raises(ValueError, match=f"a merge .* is refused on 'qwen3': .*{QWEN3_MERGE}"):
+        run.block(wide, x)
+    with pytest.raises(ValueError, match=f"a merge keeping KV groups of both blocks or refitting o_proj .*{QWEN3_MERGE}"):
+        prune_block(wide, arch, model.config, 0, [0, 2], range(spec.intermediate_size))
+    with pytest.raises(ValueError, match="refitting o_proj"):
+        prune_block(wide, arch, model.config, 0, range(spec.num_kv_heads), range(spec.intermediate_size),
+                    o_proj=torch.zeros(spec.hidden_size, spec.num_heads * spec.head_dim, dtype=spec.dtype))
+
+    with torch.no_grad():
+        for path in (arch.q_norm, arch.k_norm):
+            second.get_submodule(path).weight.copy_(first.get_submodule(path).weight)
+        wide = BlockPair(model, 0).flatten()
+        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
+        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
+        torch.testing.assert_close(run.block(wide, x), y, **tolerance(spec.dtype))
+    mixed = prune_block(wide, arch, model.config, 0, [0, 2], range(0, 2 * spec.intermediate_size, 2))
+    assert torch.equal(mixed.self_attn.q_norm.weight, first.self_attn.q_norm.weight)
+
+
+def test_llama3_blocks_flatten_exactly():
+    spec, _ = FAMILIES["llama3"]
+    model = _model("llama3")
+    first, second = model.model.layers[3], model.model.layers[4]
+    x = random_hidden(spec, 2, 9)
+    run = BlockRunner(model, x)
+    with torch.no_grad():
+        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
+        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
+        torch.testing.assert_close(run.block(BlockPair(model, 3).flatten(), x), y, **tolerance(spec.dtype))
+
+
+def test_olmo2_blocks_do_not_flatten_exactly_and_a_merge_is_refused():
+    """OLMo 2: u = x + P_a(A(x)), y = u + P_m(M(u)), no norm before either sub-layer, and its q/k norms take one
+    RMS over all heads. Two blocks side by side would compute P(A1 + A2), not P1(A1) + P2(A2), with an RMS over
+    both blocks' heads: the wide block measurably misses the sum of the two, so it refuses to compute."""
+    spec, _ = FAMILIES["olmo2"]
+    model = _model("olmo2")
+    arch = architecture_for(model)
+    first, second = model.model.layers[0], model.model.layers[1]
+    x = random_hidden(spec, 2, 6)
+    run = BlockRunner(model, x)
+    wide = BlockPair(model, 0).flatten()
+    with pytest.raises(ValueError, match=f"a merge .* is refused on 'olmo2': .*{OLMO2_MERGE}.*{OLMO2_RUNS}"):
+        run.block(wide, x)
+    with torch.no_grad():
+        u = x + first.post_attention_layernorm(run.attention(first, x)) + \
+            second.post_attention_layernorm(run.attention(second, x))
+        y = u + first.post_feedforward_layernorm(first.mlp(u)) + second.post_feedforward_layernorm(second.mlp(u))
+        naive = copy.deepcopy(wide)
+        naive._forward_pre_hooks.clear()
+        miss = (run.block(naive, x) - y).norm() / (y - x).norm()
+    assert miss > 0.1
+
+    g, f = spec.num_kv_heads, spec.intermediate_size
+    for groups, channels, down in (([0, 2], range(f), None), (range(g), range(0, 2 * f, 2), None),
+                                   (range(g), range(f), torch.zeros(spec.hidden_size, f, dtype=spec.dtype))):
+        with pytest.raises(ValueError, match=f"is refused on 'olmo2'.*{OLMO2_RUNS}"):
+            prune_block(wide, arch, model.config, 0, groups, channels, down_proj=down)
+    with pytest.raises(ValueError, match="keeping some KV groups of a block is refused on 'olmo2': .*RMS over all heads"):
+        select_block(first, arch, model.config, 0, [0], range(f))
+    with pytest.raises(ValueError, match=f"a refit down_proj is refused on 'olmo2': {OLMO2_REFIT}"):
+        select_block(first, arch, model.config, 0, range(g), range(f), down_proj=torch.zeros(spec.hidden_size, f,
+                                                                                             dtype=spec.dtype))
