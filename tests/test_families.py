@@ -207,3 +207,10 @@ def test_olmo2_blocks_do_not_flatten_exactly_and_a_merge_is_refused():
     with pytest.raises(ValueError, match=f"a refit down_proj is refused on 'olmo2': {OLMO2_REFIT}"):
         select_block(first, arch, model.config, 0, range(g), range(f), down_proj=torch.zeros(spec.hidden_size, f,
                                                                                              dtype=spec.dtype))
+
+
+@pytest.mark.parametrize("strategy", ["cut-absorb", "cut-merge", "flattengpt"])
+def test_a_flattener_recipe_is_refused_on_olmo2_before_any_work(strategy):
+    with pytest.raises(ValueError, match=OLMO2_REFIT) as refusal:
+        get_strategy(strategy)(_model("olmo2"), CALIBRATION, progress=False)  # built, never compressed
+    assert refusal.match(OLMO2_RUNS)

@@ -114,6 +114,9 @@ class Flattener(Compressor):
                                    "whole block among them, is kept) or held-out (the same, each candidate "
                                    "refitted on half the calibration batches and judged on the other half)"] = "scorer"):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
+        if self.arch.mlp_inexact:  # every step flattens two blocks and refits down_proj: refused before any work
+            raise ValueError(self.arch.refusal(f"{self.name} (its steps flatten two blocks and refit a down_proj)",
+                                               self.arch.merge_refusal))
         if one_block_fallback not in FALLBACKS:
             raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
                              f"got {one_block_fallback!r}")
