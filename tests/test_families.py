@@ -136,6 +136,12 @@ def test_keeping_one_block_whole_from_a_wide_block_gives_that_block_exactly(fami
         assert torch.equal(absorbed.mlp.down_proj.weight, down)
 
 
+def _side_by_side(run, first, second, x):
+    """``u = x + A1(N1 x) + A2(N2 x)``, ``y = u + M1(N1' u) + M2(N2' u)``: two pre-norm blocks side by side."""
+    u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
+    return u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
+
+
 def test_qwen3_blocks_with_equal_qk_norms_flatten_exactly_and_with_unequal_ones_are_refused():
     spec, _ = FAMILIES["qwen3"]
     model = _model("qwen3")
@@ -156,9 +162,7 @@ def test_qwen3_blocks_with_equal_qk_norms_flatten_exactly_and_with_unequal_ones_
         for path in (arch.q_norm, arch.k_norm):
             second.get_submodule(path).weight.copy_(first.get_submodule(path).weight)
         wide = BlockPair(model, 0).flatten()
-        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
-        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
-        torch.testing.assert_close(run.block(wide, x), y, **tolerance(spec.dtype))
+        torch.testing.assert_close(run.block(wide, x), _side_by_side(run, first, second, x), **tolerance(spec.dtype))
     mixed = prune_block(wide, arch, model.config, 0, [0, 2], range(0, 2 * spec.intermediate_size, 2))
     assert torch.equal(mixed.self_attn.q_norm.weight, first.self_attn.q_norm.weight)
 
@@ -170,9 +174,8 @@ def test_llama3_blocks_flatten_exactly():
     x = random_hidden(spec, 2, 9)
     run = BlockRunner(model, x)
     with torch.no_grad():
-        u = x + run.attention(first, first.input_layernorm(x)) + run.attention(second, second.input_layernorm(x))
-        y = u + first.mlp(first.post_attention_layernorm(u)) + second.mlp(second.post_attention_layernorm(u))
-        torch.testing.assert_close(run.block(BlockPair(model, 3).flatten(), x), y, **tolerance(spec.dtype))
+        torch.testing.assert_close(run.block(BlockPair(model, 3).flatten(), x), _side_by_side(run, first, second, x),
+                                   **tolerance(spec.dtype))
 
 
 def test_olmo2_blocks_do_not_flatten_exactly_and_a_merge_is_refused():

@@ -189,14 +189,14 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
             targets = pair_outputs(recipe.pair, recipe.hidden, recipe.calls, recipe.device)[1]
     batches = _Batches(recipe.hidden, recipe.calls, targets, recipe.weights)
     if not held_out:
-        best, residuals = _judge(recipe, wide, batches, batches)
+        (group_name, group), (channel_name, channels), residuals = _judge(recipe, wide, batches, batches)
     else:
         if len(batches.hidden) < 2:
             raise ValueError("select='held-out' judges on other calibration batches than it fits on: it needs at "
                              f"least two batches, got {len(batches.hidden)} (lower batch_size or add samples)")
-        best, residuals = _judge(recipe, wide, batches.part(0), batches.part(1))
-        best = _refit(recipe, wide, batches, *best)
-    (group_name, group), (channel_name, channels), _ = best
+        (group_name, group), (channel_name, channels), residuals = _judge(recipe, wide, batches.part(0),
+                                                                          batches.part(1))
+        group, channels = _refit(recipe, wide, batches, group, channels)
     merge = recipe.record(group, channels)
     merge.selection = {"groups": group_name, "channels": channel_name, "residuals": residuals,
                        **({"judged_on": "held-out batches"} if held_out else {})}
@@ -224,8 +224,8 @@ class _Batches:
 
 def _judge(recipe: _Recipe, wide: nn.Module, fit: _Batches, judge: _Batches):
     """Refit every candidate on ``fit`` and measure what it misses on ``judge`` (where they are the same
-    batches, their statistics are shared). Returns ``((group name, Choice), (channel name, Choice), residual)``
-    of the best candidate, and every residual by name."""
+    batches, their statistics are shared). Returns ``(group name, Choice)`` and ``(channel name, Choice)`` of
+    the candidate that misses least, and every candidate's residual by name."""
     g, f = recipe.want.num_kv_heads, recipe.want.intermediate_size
     shape = recipe.arch.block_shape(wide, recipe.config)
     with recipe.watch("attention statistics"):
@@ -259,16 +259,14 @@ def _judge(recipe: _Recipe, wide: nn.Module, fit: _Batches, judge: _Batches):
             for channel_name, choice in choices.items():
                 residual = refit_residual(judged, choice.keep.cpu(), choice.weight)
                 residuals[f"{group_name} / {channel_name}"] = residual
-                if best is None or residual < best[2]:
-                    best = (group_name, group), (channel_name, choice), residual
+                if best is None or residual < best[0]:
+                    best = residual, (group_name, group), (channel_name, choice)
         del stats, judged
-    return best, residuals
+    return best[1], best[2], residuals
 
 
-def _refit(recipe: _Recipe, wide: nn.Module, batches: _Batches, group: tuple[str, Choice],
-           channels: tuple[str, Choice], residual: float):
-    """The candidate chosen (its kept groups and channels) compensated again by the scorer, on ``batches``."""
-    (group_name, group), (channel_name, channels) = group, channels
+def _refit(recipe: _Recipe, wide: nn.Module, batches: _Batches, group: Choice, channels: Choice):
+    """The chosen groups and channels compensated again by the scorer, on ``batches``."""
     if group.weight is not None:
         shape = recipe.arch.block_shape(wide, recipe.config)
         with recipe.watch("attention statistics"):
@@ -283,7 +281,7 @@ def _refit(recipe: _Recipe, wide: nn.Module, batches: _Batches, group: tuple[str
     if channels.weight is not None:
         with recipe.watch("selection and refits"):
             channels = Choice(channels.keep, recipe.scorer.compensate_channels(stats, channels.keep))
-    return (group_name, group), (channel_name, channels), residual
+    return group, channels
 
 
 def flatten_only(pair: BlockPair, *_, **__) -> tuple[nn.Module, Merge]:
