@@ -58,7 +58,7 @@ def test_blocks_of_different_shapes(model):
 def test_unsupported_architecture_lists_the_supported_ones():
     config = AutoConfig.for_model("gpt2", n_embd=8, n_layer=2, n_head=2, vocab_size=11)
     gpt2 = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'; supported: llama, mistral, olmo2, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'; supported: gemma3_text, llama, mistral, olmo2, phi3, qwen2, qwen3"):
         BlockPair(gpt2, 0)
 
 

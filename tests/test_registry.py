@@ -68,5 +68,5 @@ def test_a_block_that_is_not_pre_norm_is_refused():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="unknown architecture 'nope'; known: llama, (ministral, )?mistral, olmo2, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="unknown architecture 'nope'; known: (gemma3_text, )?llama, (ministral, )?mistral, olmo2, phi3, qwen2, qwen3"):
         ARCHITECTURES.get("nope")

@@ -33,12 +33,13 @@ def test_a_wrong_norm_form_is_caught_not_folded_silently(gemma):
 
 
 def test_wrong_paths_are_caught():
-    register_architecture(Architecture("llama", o_proj="mlp.down_proj", down_proj="self_attn.o_proj"), replace=True)
+    llama = ARCHITECTURES.get("llama")
+    register_architecture(replace(llama, o_proj="mlp.down_proj", down_proj="self_attn.o_proj"), replace=True)
     try:
         with pytest.raises(ValueError, match="'llama' fails on a tiny random LlamaForCausalLM"):
             verify_architecture(AutoConfig.for_model("llama"))
     finally:
-        register_architecture(Architecture("llama"), replace=True)
+        register_architecture(llama, replace=True)
 
 
 def test_an_unknown_norm_form_is_refused_at_registration():

@@ -13,10 +13,10 @@ from flatten.data import calibration_tokens
 from flatten.evaluation import Perplexity, perplexity
 from flatten.flattener import Flattener
 from flatten.latency import Latency, measure_latency
-from flatten.merge import flatten_blocks, fold_norms, prune_block, replace_span
+from flatten.merge import flatten_blocks, flatten_run, fold_norms, prune_block, replace_span
 from flatten.models import count_parameters, embedded_model_path, load_model
 from flatten.options import Method, build_strategy
-from flatten.pair import BlockPair
+from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge, Plan
 from flatten.recipe import merge_pair
 from flatten.recovery import Recovery, recover
@@ -29,6 +29,7 @@ __all__ = [
     "STRATEGIES",
     "Architecture",
     "BlockPair",
+    "BlockRun",
     "BlockShape",
     "ChannelScorer",
     "Compressor",
@@ -48,6 +49,7 @@ __all__ = [
     "count_parameters",
     "embedded_model_path",
     "flatten_blocks",
+    "flatten_run",
     "get_policy",
     "get_scorer",
     "get_strategy",

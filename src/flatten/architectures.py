@@ -4,7 +4,12 @@ An adapter is data, not code. Every path is an attribute path relative to one de
 ``layers``, relative to the ``*ForCausalLM`` model); config fields are attribute names on the model's config.
 A new LLaMA-like family is one ``register_architecture(Architecture("name"))`` call, with overrides only
 where its names differ. A norm sits before a sub-layer (its weight folds into the projections that read it),
-after it (on its output, before the residual add: OLMo 2), or on the projected queries and keys (Qwen3, OLMo 2).
+after it (on its output, before the residual add: OLMo 2), both (Gemma 3's four norms per block), or on the
+projected queries and keys (Qwen3, OLMo 2, Gemma 3). A norm's form is ``weight * x / rms(x)`` or, Gemma's,
+``(1 + weight) * x / rms(x)`` (``norm``).
+Projections kept in one fused weight (Phi-3's ``qkv_proj``, ``gate_up_proj``) are declared in ``fused``; the
+rest of the library sees them as the virtual projections q/k/v/gate/up. ``gguf`` names the family's llama.cpp
+counterpart, which is all GGUF export needs of it.
 """
 
 from __future__ import annotations
@@ -47,10 +52,40 @@ QK_NORMS = {  # what a q/k norm normalises over
     "head": "each head's query (key) alone, with one weight of head_dim shared by every head (Qwen3)",
     "channel": "all heads' queries (keys) together, with one weight per channel (OLMo 2)",
 }
+FUSABLE = {  # projections one fused weight may hold (rows stacked), with the rows each takes in a block
+    "q_proj": "num_heads * head_dim (the columns of o_proj)",
+    "k_proj": "num_kv_heads * head_dim (as many as v_proj)",
+    "v_proj": "num_kv_heads * head_dim (as many as k_proj)",
+    "gate_proj": "intermediate_size (the columns of down_proj)",
+    "up_proj": "intermediate_size (the columns of down_proj)",
+}
+ROTARY = {  # how llama.cpp's graph of an architecture pairs the dimensions it rotates
+    "halves": "dimension i with i + head_dim / 2, as transformers does: q/k rows written as they are",
+    "pairs": "dimension 2i with 2i + 1 (llama.cpp's LLaMA graph): q/k rows permuted when written",
+}
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """A family's counterpart in llama.cpp, for GGUF export: ``arch``, the name llama.cpp gives the
+    architecture (a value of ``gguf.MODEL_ARCH_NAMES``, whose tensor-name map names every weight), ``rotary``,
+    a key of ``ROTARY``, and ``sliding_window``: llama.cpp's graph reads ``attention.sliding_window`` (the
+    config's, 0 for none: Phi-3 tells Phi-4 apart by it)."""
+
+    arch: str
+    rotary: str = "halves"
+    sliding_window: bool = False
+
+    def __post_init__(self):
+        if self.rotary not in ROTARY:
+            known = "; ".join(f"{key!r}: {form}" for key, form in ROTARY.items())
+            raise ValueError(f"GGUF counterpart {self.arch!r} declares rotary {self.rotary!r}; known: {known}")
+
+
 # registered strategies by what they need of a block, for refusals that say what runs on a family
 DROPS = ("shortgpt", "sleb", "angular", "blockpruner", "laco")  # delete blocks, silence or collapse sub-layers
 REFITS = ("cut-absorb", "replaceme", "prune-only")  # refit a down_proj by least squares; blocks kept whole
-MERGES = ("flattengpt", "cut-merge")  # lay two blocks side by side and prune back
+MERGES = ("flattengpt", "cut-merge", "cut-flatten")  # lay blocks side by side and prune back
 
 
 @dataclass(frozen=True)
@@ -86,6 +121,16 @@ class Architecture:
     # config ints counting leading layers (lowered when a layer below them is removed)
     layer_count_fields: tuple[str, ...] = ()
     norm: str = "rms"
+    # a down_proj refit through mlp_post_norm (a norm between down_proj and the residual add, so the block's
+    # output is not linear in down_proj): False refuses it; True fits down_proj by least squares to the output
+    # direction per token that comes closest to the target through that norm, an approximation whose error each
+    # refit measures on the calibration tokens and records (``refit_approximation``; Gemma 3, OLMo 2)
+    post_norm_refit: bool = False
+    # fused projections: (path of the one weight, the fields of FUSABLE it holds, in row order). The fields'
+    # paths then name virtual projections, slices of it: the kernel, calibration and scorers see those, and
+    # a block built from them holds the fused weight again (Phi-3: qkv_proj, gate_up_proj)
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    gguf: Gguf | None = None  # the family's llama.cpp counterpart (None: no GGUF export)
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -109,6 +154,36 @@ class Architecture:
             if path is not None and named.setdefault(path, field) != field:
                 raise ValueError(f"architecture {self.model_type!r} names {path!r} twice, as {named[path]} and as "
                                  f"{field} (set the one the block does not have to None)")
+        self._check_fused(named)
+
+    def _check_fused(self, named: dict[str, str]) -> None:
+        """Refuse a fusion the kernel cannot split and fuse back."""
+        if self.gguf is not None and not isinstance(self.gguf, Gguf):
+            raise ValueError(f"architecture {self.model_type!r} declares gguf={self.gguf!r}; give a "
+                             "flatten.architectures.Gguf (llama.cpp's architecture name, its rotary layout) or None")
+        sublayers = {field: ("attention" if field in ("q_proj", "k_proj", "v_proj") else "MLP") for field in FUSABLE}
+        seen: dict[str, str] = {}
+        for entry in self.fused:
+            path, fields = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
+            if not isinstance(path, str) or not isinstance(fields, tuple) or len(fields) < 2:
+                raise ValueError(f"architecture {self.model_type!r} declares the fusion {entry!r}; each is (path of "
+                                 "the fused weight, (two or more of " + ", ".join(FUSABLE) + ") in row order)")
+            for field in fields:
+                if field not in FUSABLE:
+                    known = "; ".join(f"{key}: {rows}" for key, rows in FUSABLE.items())
+                    raise ValueError(f"architecture {self.model_type!r} fuses {field!r} into {path!r}; the kernel "
+                                     f"splits only projections that read a norm's output, by rows ({known})")
+                if field in seen:
+                    raise ValueError(f"architecture {self.model_type!r} fuses {field} twice, into {seen[field]!r} "
+                                     f"and {path!r}")
+                seen[field] = path
+            if len({sublayers[field] for field in fields}) > 1:
+                raise ValueError(f"architecture {self.model_type!r} fuses {', '.join(fields)} into {path!r}: "
+                                 "attention and MLP projections read different norms and cannot share one weight")
+            if path in named:
+                raise ValueError(f"architecture {self.model_type!r} names {path!r} twice, as {named[path]} and as "
+                                 "a fused projection")
+            named[path] = "a fused projection"
 
     def norm_scale(self, weight: Tensor) -> Tensor:
         """The per-channel factor a norm with this ``weight`` applies after dividing by ``rms(x)``."""
@@ -117,6 +192,77 @@ class Architecture:
     def norm_weight(self, scale: Tensor) -> Tensor:
         """The norm weight whose per-channel factor is ``scale``."""
         return scale - 1 if self.norm == "rms+1" else scale
+
+    @property
+    def fusions(self) -> dict[str, tuple[str, ...]]:
+        """Each fused projection's path, with the paths of the virtual projections it holds, in row order."""
+        return {path: tuple(getattr(self, field) for field in fields) for path, fields in self.fused}
+
+    def modules(self, paths: tuple[str, ...]) -> tuple[str, ...]:
+        """The modules a block really has for ``paths``: a fused projection in place of its virtual ones (once)."""
+        holder = {part: path for path, parts in self.fusions.items() for part in parts}
+        return tuple(dict.fromkeys(holder.get(path, path) for path in paths))
+
+    def split_rows(self, fused: str, rows: int, attention_width: int, channels: int) -> list[int]:
+        """The rows of each virtual projection in the fused weight ``fused`` of ``rows`` rows, in a block whose
+        ``o_proj`` reads ``attention_width`` columns (query heads x head_dim) and whose ``down_proj`` reads
+        ``channels``: q_proj takes ``attention_width``, gate_proj and up_proj ``channels`` each, k_proj and
+        v_proj the rest in equal parts."""
+        parts = self.fusions[fused]
+        known = {self.q_proj: attention_width, self.gate_proj: channels, self.up_proj: channels}
+        unknown = [part for part in parts if part not in known]
+        rest = rows - sum(known[part] for part in parts if part in known)
+        if rest < 0 or (rest % len(unknown) if unknown else rest):
+            raise ValueError(f"{fused} has {rows} rows, which do not split into {', '.join(parts)} of a block whose "
+                             f"o_proj reads {attention_width} and down_proj {channels} columns")
+        return [known[part] if part in known else rest // len(unknown) for part in parts]
+
+    def _widths(self, state: dict[str, Tensor]) -> tuple[int, int]:
+        return state[f"{self.o_proj}.weight"].shape[1], state[f"{self.down_proj}.weight"].shape[1]
+
+    def split_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (a block's tensors by name) with each fused weight (and bias) split into its virtual
+        projections' (views, not copies)."""
+        if not self.fused:
+            return state
+        state = dict(state)
+        for fused, parts in self.fusions.items():
+            rows = self.split_rows(fused, state[f"{fused}.weight"].shape[0], *self._widths(state))
+            for kind in ("weight", "bias"):
+                tensor = state.pop(f"{fused}.{kind}", None)
+                if tensor is not None:
+                    state.update({f"{part}.{kind}": t for part, t in zip(parts, tensor.split(rows))})
+        return state
+
+    def fuse_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with the virtual projections of each fused weight (and bias) stacked into it again."""
+        if not self.fused:
+            return state
+        state = dict(state)
+        for fused, parts in self.fusions.items():
+            for kind in ("weight", "bias"):
+                present = [f"{part}.{kind}" in state for part in parts]
+                if any(present) and not all(present):
+                    raise ValueError(f"only some of {', '.join(parts)} have a {kind}; {fused} holds all or none")
+                if all(present):
+                    state[f"{fused}.{kind}"] = torch.cat([state.pop(f"{part}.{kind}") for part in parts])
+        return state
+
+    def projection(self, block: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias (or None) of the projection ``path`` of ``block``, a real or a virtual one (a
+        slice of its fused weight)."""
+        for fused, parts in self.fusions.items():
+            if path in parts:
+                module = block.get_submodule(fused)
+                rows = self.split_rows(fused, module.weight.shape[0],
+                                       block.get_submodule(self.o_proj).weight.shape[1],
+                                       block.get_submodule(self.down_proj).weight.shape[1])
+                i = parts.index(path)
+                start = sum(rows[:i])
+                bias = None if module.bias is None else module.bias[start : start + rows[i]]
+                return module.weight[start : start + rows[i]], bias
+        module = block.get_submodule(path)
+        return module.weight, getattr(module, "bias", None)
 
     @property
     def attn_readers(self) -> tuple[str, ...]:
@@ -161,23 +307,46 @@ class Architecture:
         return "; ".join(reasons) or None
 
     @property
-    def mlp_inexact(self) -> str | None:
-        """Why no two blocks' MLPs of this family lie side by side exactly, and a least-squares refit of
-        ``down_proj`` is not a least-squares fit of the block's output (None: both hold)."""
+    def mlp_post_norm_inexact(self) -> str | None:
+        """Why no two blocks' MLPs of this family lie side by side exactly (None: they do)."""
         if self.mlp_post_norm is None:
+            return None
+        return (f"{self.mlp_post_norm} normalises the MLP's output after down_proj, and the norm of two MLPs' "
+                "outputs summed is not the sum of their norms")
+
+    @property
+    def mlp_inexact(self) -> str | None:
+        """Why a least-squares refit of ``down_proj`` is refused on this family and no two blocks' MLPs lie side
+        by side exactly (None: a refit runs, exactly, or approximately where ``refit_approximation`` says so;
+        ``mlp_post_norm_inexact`` then says whether the MLPs lie side by side)."""
+        if self.mlp_post_norm is None or self.post_norm_refit:
             return None
         return (f"{self.mlp_post_norm} normalises the MLP's output after down_proj, so the block's output is not "
                 "linear in down_proj (a least-squares refit of it does not fit the output) and the norm of two "
                 "MLPs' outputs summed is not the sum of their norms")
 
     @property
+    def refit_approximation(self) -> str | None:
+        """What a ``down_proj`` refit approximates on this family (None: it is an exact least-squares fit of
+        the block's output, or refused, see ``mlp_inexact``)."""
+        if self.mlp_post_norm is None or not self.post_norm_refit:
+            return None
+        return (f"approximate: {self.mlp_post_norm} normalises the MLP's output after down_proj, so the block's "
+                "output is not linear in down_proj; down_proj is fitted by least squares to the output direction, "
+                "per token, that comes closest to the target through that norm (its weight fixes the output's "
+                "scale), scaled to the size of the MLP's output before the norm; the refitted block's error on the "
+                "calibration tokens is measured and recorded with each refit")
+
+    @property
     def merge_refusal(self) -> str | None:
         """Why no two blocks of this family flatten into one exactly (None: they can)."""
-        return "; ".join(r for r in (self.attention_inexact, self.mlp_inexact) if r) or None
+        return "; ".join(r for r in (self.attention_inexact, self.mlp_inexact or self.mlp_post_norm_inexact)
+                         if r) or None
 
     def runs(self) -> str:
         """The registered strategies that run on this family, in words, for refusals."""
-        names = list(DROPS) + ([] if self.mlp_inexact else list(REFITS))
+        names = list(DROPS) + ([] if self.mlp_inexact else
+                               [f"{name} (approximate refit)" if self.refit_approximation else name for name in REFITS])
         text = ", ".join(names)
         if self.merge_refusal is None:
             text += ", " + ", ".join(MERGES)
@@ -215,9 +384,8 @@ class Architecture:
         """The shape a block really has, read off its weights (a wide block differs from its config)."""
         self.check_block(block)
         head_dim = self.shape_of(config).head_dim
-        q_rows = block.get_submodule(self.q_proj).weight.shape[0]
-        k_rows = block.get_submodule(self.k_proj).weight.shape[0]
-        channels = block.get_submodule(self.gate_proj).weight.shape[0]
+        q_rows, k_rows, channels = (self.projection(block, path)[0].shape[0]
+                                    for path in (self.q_proj, self.k_proj, self.gate_proj))
         if self.q_norm is not None:
             for path, rows in ((self.q_norm, q_rows), (self.k_norm, k_rows)):
                 size, want = block.get_submodule(path).weight.numel(), head_dim if self.qk_norm == "head" else rows
@@ -238,13 +406,13 @@ class Architecture:
 
     def check_block(self, block: nn.Module) -> None:
         """Raise a clear error if the block lacks a part this description names."""
-        for path in self.norms + self.attn_readers + self.mlp_readers + self.writers:
+        for path in self.modules(self.norms + self.attn_readers + self.mlp_readers + self.writers):
             try:
                 module = block.get_submodule(path)
             except AttributeError:
                 raise ValueError(
                     f"{type(block).__name__} has no {path!r}: it is not a pre-norm block laid out as "
-                    f"architecture {self.model_type!r} describes"
+                    f"architecture {self.model_type!r} describes (a fused projection is declared in fused)"
                 ) from None
             if getattr(module, "weight", None) is None:
                 raise ValueError(f"{type(block).__name__}.{path} has no weight")
@@ -274,11 +442,18 @@ def architecture_for(model_or_config) -> Architecture:
     return ARCHITECTURES.get(model_type)
 
 
-register_architecture(Architecture("llama"))
-register_architecture(Architecture("mistral"))
-register_architecture(Architecture("qwen2", layer_count_fields=("max_window_layers",)))
+register_architecture(Architecture("llama", gguf=Gguf("llama", rotary="pairs")))
+register_architecture(Architecture("mistral", gguf=Gguf("llama", rotary="pairs")))
+register_architecture(Architecture("qwen2", layer_count_fields=("max_window_layers",), gguf=Gguf("qwen2")))
 register_architecture(Architecture("qwen3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm="head",
-                                   layer_count_fields=("max_window_layers",)))
+                                   layer_count_fields=("max_window_layers",), gguf=Gguf("qwen3")))
+register_architecture(Architecture("phi3", fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                                  ("mlp.gate_up_proj", ("gate_proj", "up_proj"))),
+                                   gguf=Gguf("phi3", sliding_window=True)))
+register_architecture(Architecture("gemma3_text", attn_norm="input_layernorm", mlp_norm="pre_feedforward_layernorm",
+                                   attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
+                                   q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm="head", norm="rms+1",
+                                   post_norm_refit=True))
 register_architecture(Architecture("olmo2", attn_norm=None, mlp_norm=None, attn_post_norm="post_attention_layernorm",
                                    mlp_post_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm",
-                                   k_norm="self_attn.k_norm", qk_norm="channel"))
+                                   k_norm="self_attn.k_norm", qk_norm="channel", post_norm_refit=True))

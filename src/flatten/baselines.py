@@ -7,6 +7,7 @@ changes the model in place into a stock checkpoint of its family and returns ``(
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from contextlib import contextmanager
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.calibration import on_device, run_block
-from flatten.checks import check_int
+from flatten.calibration import block_influence, on_device, post_norm_direction, refit_error, run_block
+from flatten.checks import TOKENS, check_choice, check_int
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.dispatch import device_of, make_resident, resident_copy, weights_of
@@ -103,13 +104,11 @@ class ShortGPT(Baseline):
         layers = self.arch.layers_of(self.model)
         influence = torch.zeros(len(layers), dtype=torch.float64)
         hidden = inputs.hidden
-        tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
         for i, layer in enumerate(tqdm(layers, desc="block influence", unit="block", disable=not self.progress)):
             out = self._run(layer, hidden, inputs.calls[i], name=f"block {i}")
-            for x, y in zip(hidden, out):
-                influence[i] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double().cpu()
+            influence[i] = block_influence(hidden, out)
             hidden = out
-        return influence / tokens
+        return influence
 
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Removal]:
         k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
@@ -427,9 +426,10 @@ class PruneOnly(Baseline):
         layers = self.arch.layers_of(self.model)
         block = sum(p.numel() for p in layers[0].parameters())
         width = self.arch.shape_of(self.model.config).intermediate_size
-        per_channel = sum(layers[0].get_submodule(path).weight.numel() for path in self.arch.mlp_readers
-                          + (self.arch.down_proj,)) // width
-        per_channel += sum(layers[0].get_submodule(path).bias is not None for path in self.arch.mlp_readers)
+        projections = [self.arch.projection(layers[0], path) for path in self.arch.mlp_readers]  # fused: slices
+        per_channel = (sum(weight.numel() for weight, _ in projections)
+                       + layers[0].get_submodule(self.arch.down_proj).weight.numel()) // width
+        per_channel += sum(bias is not None for _, bias in projections)
         drop = round(k * block / (len(layers) * per_channel))
         if drop >= width:
             raise ValueError(f"the parameters of {k} blocks are more than all MLP channels hold; prune-only can "
@@ -442,19 +442,24 @@ class PruneOnly(Baseline):
         shape, width = self.arch.shape_of(config), self.width_for(k)
         inputs = self._capture()
         hidden = inputs.hidden
+        approximate, errors = self.arch.refit_approximation is not None, []  # refits through a norm: measured
         for i in tqdm(range(len(layers)), desc="prune-only", unit="block", disable=not self.progress):
             calls, home = inputs.calls[i], device_of(layers[i])
             with on_device(make_resident(layers[i]), self.device) as block:  # read as tensors; replaced next
-                targets = run_block(block, hidden, calls, f"block {i}") if self.scorer.needs_target else None
+                targets = run_block(block, hidden, calls, f"block {i}") if self.scorer.needs_target or approximate else None
                 channels = choose_channels(block, self.arch, config, self.scorer, hidden, calls, targets, width)
-                del targets
                 narrow = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep,
                                       down_proj=channels.weight)
+                if approximate and channels.weight is not None:  # against the block pruned the same, not refitted
+                    unrefitted = select_block(block, self.arch, config, i, range(shape.num_kv_heads), channels.keep)
+                    errors.append({"block": i, **refit_error(narrow, unrefitted, self.arch, hidden, calls, targets)})
+                del targets
             replace_span(self.model, i, i + 1, narrow.to(home), self.arch)
             if i + 1 < len(layers):
                 hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
-        return self.model, self._record(start, mlp_width=(shape.intermediate_size, width))
+        return self.model, self._record(start, mlp_width=(shape.intermediate_size, width),
+                                        **({"scores": {"refit": errors}} if errors else {}))
 
 
 class _ContiguousCut(Baseline):
@@ -467,9 +472,7 @@ class _ContiguousCut(Baseline):
                  tokens: Annotated[str, "last or all: the tokens the angular distance is averaged over"] = "last",
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, batch_size=batch_size, device=device, progress=progress)
-        if tokens not in ("last", "all"):
-            raise ValueError(f"tokens must be 'last' or 'all', got {tokens!r}")
-        self.tokens = tokens
+        self.tokens = check_choice("tokens", tokens, TOKENS)
 
     def options(self) -> dict:
         return {"tokens": self.tokens}
@@ -504,7 +507,13 @@ class ReplaceMe(_ContiguousCut):
     the ``down_proj`` of block ``s - 1``: with ``m`` that block's MLP output and ``r`` its residual stream
     before the MLP is added (so its output is ``r + m``), ``T`` minimises ``||m T + r - x_{s+k}||^2`` over
     the calibration tokens (plus ``ridge * ||T||^2``, ``ridge`` in units of the mean eigenvalue of ``m^T m``;
-    the paper's default is none), and block ``s - 1`` then outputs ``r + m T``."""
+    the paper's default is none), and block ``s - 1`` then outputs ``r + m T``.
+
+    Where a norm follows ``down_proj`` (Gemma 3: the block outputs ``r + g * m / rms(m)``), no ``T`` makes the
+    output linear in it: ``m T`` is fitted instead, by the same least squares, to each token's output direction
+    that comes closest to ``x_{s+k} - r`` through that norm, at the scale of ``m``
+    (``flatten.calibration.post_norm_direction``), an approximation (``Architecture.refit_approximation``) whose
+    error on the calibration tokens the record holds (``scores["refit"]``, ``flatten.calibration.refit_error``)."""
 
     name = "replaceme"
     title = "ReplaceMe (Shopkhoev et al., 2025), least-squares linear replacement"
@@ -513,7 +522,7 @@ class ReplaceMe(_ContiguousCut):
                  ridge: Annotated[float, "ridge of the map's least squares, in units of the mean eigenvalue"] = 0.0,
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True):
         super().__init__(model, calibration, tokens=tokens, batch_size=batch_size, device=device, progress=progress)
-        if self.arch.mlp_inexact:
+        if self.arch.mlp_inexact:  # refused; a family whose refits run approximately (refit_approximation) runs
             raise ValueError(self.arch.refusal("ReplaceMe (its map is folded into a down_proj)", self.arch.mlp_inexact))
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
@@ -529,23 +538,33 @@ class ReplaceMe(_ContiguousCut):
             raise ValueError(f"ReplaceMe keeps a block before the cut: it can remove at most {count - 1} of {count}")
         distances = self.cut_distances(k)
         first = 1 + int(distances[1:].argmin())
-        transform = self.transform(first, k)
-        down = make_resident(self.arch.layers_of(self.model)[first - 1]).get_submodule(self.arch.down_proj)
+        transform, fitted = self._fit(first, k)
+        kept = make_resident(self.arch.layers_of(self.model)[first - 1])
+        before = copy.deepcopy(kept) if fitted is not None else None  # the block as it was, for the refit's error
+        down = kept.get_submodule(self.arch.down_proj)
         with torch.no_grad():  # folded where T was solved (the computing device), written back where the weights live
             weight = down.weight.to(transform.device)
             down.weight.copy_((transform.T @ weight.double()).to(weight.dtype))
             if down.bias is not None:
                 bias = down.bias.to(transform.device)
                 down.bias.copy_((bias.double() @ transform).to(bias.dtype))
+        scores = {"cut_distances": distances.tolist(), "transform_folded_into": first - 1}
+        if fitted is not None:  # an approximate fit through the norm after down_proj: its error, measured
+            with on_device(kept, self.device):
+                scores["refit"] = refit_error(kept, before, self.arch, *fitted)
         removed = list(range(first, first + k))
         remove_blocks(self.model, removed, self.arch)
-        return self.model, self._record(start, removed=removed, scores={
-            "cut_distances": distances.tolist(), "transform_folded_into": first - 1})
+        return self.model, self._record(start, removed=removed, scores=scores)
 
-    @torch.no_grad()
     def transform(self, first: int, k: int) -> Tensor:
         """``T`` (float64, on the computing device) for the cut of blocks ``first .. first+k-1``, from the
         calibration data."""
+        return self._fit(first, k)[0]
+
+    @torch.no_grad()
+    def _fit(self, first: int, k: int) -> tuple[Tensor, tuple | None]:
+        """``T``, and where it is fitted through a norm after ``down_proj``, the input of block ``first - 1``,
+        its other arguments and the targets (for ``refit_error``; else None)."""
         layers = self.arch.layers_of(self.model)
         d = self.model.config.hidden_size
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
@@ -555,21 +574,33 @@ class ReplaceMe(_ContiguousCut):
         for i in range(first - 1):
             hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
         mlp_out: list[Tensor] = []  # block first-1's MLP output (down_proj's), one tensor per batch
-        hook = layers[first - 1].get_submodule(self.arch.down_proj).register_forward_hook(
-            lambda module, args, out: mlp_out.append(out.detach()))
+        residual: list[Tensor] = []  # and its residual stream r, where the MLP reads it
+        block = layers[first - 1]
+        post = self.arch.mlp_post_norm if self.arch.refit_approximation else None
+        reads = self.arch.mlp_norm if self.arch.mlp_norm is not None else self.arch.down_proj.rsplit(".", 1)[0]
+        hooks = [block.get_submodule(self.arch.down_proj).register_forward_hook(
+                     lambda module, args, out: mlp_out.append(out.detach())),
+                 block.get_submodule(reads).register_forward_pre_hook(
+                     lambda module, args: residual.append(args[0].detach()))]
         try:
-            outputs = self._run(layers[first - 1], hidden, inputs.calls[first - 1], name=f"block {first - 1}")
+            outputs = self._run(block, hidden, inputs.calls[first - 1], name=f"block {first - 1}")
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         targets = outputs
         for j in range(first, first + k):
             targets = self._run(layers[j], targets, inputs.calls[j], name=f"block {j}")
-        for m, y, target in zip(mlp_out, outputs, targets):
-            m, y, target = (t.reshape(-1, d).double() for t in (m, y, target))
+        gain = None if post is None else self.arch.norm_scale(
+            block.get_submodule(post).weight.detach().double()).to(self.device)
+        for m, y, r, target in zip(mlp_out, outputs, residual, targets):
+            m, y, r, target = (t.reshape(-1, d).to(self.device).double() for t in (m, y, r, target))
+            want = target - (y - m)  # y = r + m
+            if gain is not None:  # y = r + norm(m): m T fitted to the best direction through the norm, at m's scale
+                want = post_norm_direction(target - r, gain) * m.square().mean(-1, keepdim=True).sqrt()
             gram += m.T @ m
-            cross += m.T @ (target - (y - m))
+            cross += m.T @ want
         gram.diagonal().add_(self.ridge * float(gram.diagonal().mean()))
-        return _minimum_norm_solution(gram, cross)
+        return _minimum_norm_solution(gram, cross), (None if post is None else (hidden, inputs.calls[first - 1], targets))
 
 
 def _minimum_norm_solution(gram: Tensor, cross: Tensor) -> Tensor:

@@ -153,6 +153,14 @@ def run_block(block: nn.Module, hidden: list[Tensor], calls: list[tuple[tuple, d
     return outputs
 
 
+def block_influence(inputs: list[Tensor], outputs: list[Tensor]) -> float:
+    """ShortGPT's Block Influence of a block from its inputs and outputs (one tensor per batch):
+    ``1 - cos(input, output)`` per token, averaged over the tokens."""
+    tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
+    return sum(float((1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).sum())
+               for x, y in zip(inputs, outputs)) / tokens
+
+
 def token_rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -244,7 +252,7 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
         raise _Stop
 
     _run_until_stopped(wide, arch.o_proj, hook, hidden, calls)
-    weights = {key: wide.get_submodule(path).weight.detach()
+    weights = {key: arch.projection(wide, path)[0].detach()  # a fused projection's slices (Phi-3)
                for key, path in (("q", arch.q_proj), ("k", arch.k_proj), ("v", arch.v_proj), ("o", arch.o_proj))}
     return AttentionStats(shape, weights, symmetric(gram), contribution / tokens, tokens)
 
@@ -255,26 +263,43 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
     """Channel activations ``psi`` of ``half`` (attention already pruned, MLP still wide): their Gram
     matrix and, with ``targets``, ``psi^T (target - u' - b)`` where ``u'`` is the MLP sub-layer's input and
     ``b`` the bias of ``down_proj`` (if it has one).
-    Stops each forward at ``down_proj``. ``token_weights`` as in ``attention_stats``."""
-    down = half.get_submodule(arch.down_proj).weight.detach()
-    bias = half.get_submodule(arch.down_proj).bias
+    Stops each forward at ``down_proj``. ``token_weights`` as in ``attention_stats``.
+
+    Where a norm follows ``down_proj`` and the family's refits run through it approximately
+    (``Architecture.refit_approximation``: Gemma 3), the block adds ``g * z / rms(z)`` to ``u'``, ``z`` the
+    output of ``down_proj`` and ``g`` the norm's factor, which is not linear in ``down_proj``. The cross term is
+    then ``psi^T (z* - b)``, with ``z*`` per token the direction whose normalised output comes closest to
+    ``target - u'`` (``post_norm_direction``), scaled to the RMS of ``half``'s own ``z`` there (the norm
+    divides the scale out; this keeps the fit near the weights it starts from), and ``target_energy`` is the
+    sum of ``||z* - b||^2``: a least-squares refit then fits ``z`` to ``z*``, not the block's output, whose
+    error ``refit_error`` measures."""
+    down_module = half.get_submodule(arch.down_proj)
+    down, bias = down_module.weight.detach(), down_module.bias
     gram = torch.zeros(shape.intermediate_size, shape.intermediate_size, dtype=torch.float64, device=down.device)
     cross = torch.zeros(shape.intermediate_size, down.shape[0], dtype=torch.float64, device=down.device) if targets else None
     tokens, energy = 0, torch.zeros((), dtype=torch.float64, device=down.device)
     residual: list = [None, -1]  # the current batch's MLP-norm input, and the batch's index
+    post = arch.mlp_post_norm if arch.refit_approximation else None
+    gain = None if post is None else arch.norm_scale(half.get_submodule(post).weight.detach().double())
 
     def norm_hook(module, args):
         residual[0], residual[1] = args[0], residual[1] + 1
 
     def down_hook(module, args):
         nonlocal cross, tokens, energy
-        psi = token_rows(args[0])
+        raw = psi = token_rows(args[0])
         if token_weights is not None:
             psi = _at_least_float32(psi) * token_weights[residual[1]].to(psi.device).sqrt()[:, None]
         add_upper_gram(gram, psi)
         if cross is not None:
             target = _at_least_float32(token_rows(targets[residual[1]].to(psi.device)))
             change = target - _at_least_float32(token_rows(residual[0]))
+            if gain is not None:  # through the norm after down_proj: the best direction, at z's own scale
+                z = product32(raw, down.T)
+                if bias is not None:
+                    z = z + bias.to(z)
+                change = (post_norm_direction(change, gain.to(change.device))
+                          * z.double().square().mean(-1, keepdim=True).sqrt()).to(change.dtype)
             if bias is not None:  # the MLP adds down_proj's bias: the refit fits the rest
                 change = change - bias.to(change)
             if token_weights is not None:
@@ -284,14 +309,75 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         tokens += psi.shape[0]
         raise _Stop
 
-    handle = half.get_submodule(arch.mlp_norm).register_forward_pre_hook(norm_hook)
+    # the MLP's input (the residual stream u'): the norm before the MLP reads it, or the MLP itself where none does
+    reads = arch.mlp_norm if arch.mlp_norm is not None else arch.gate_proj.rsplit(".", 1)[0]
+    handle = half.get_submodule(reads).register_forward_pre_hook(norm_hook)
     try:
         _run_until_stopped(half, arch.down_proj, down_hook, hidden, calls)
     finally:
         handle.remove()
-    weights = {key: half.get_submodule(path).weight.detach()
+    weights = {key: arch.projection(half, path)[0].detach()  # a fused projection's slices (Phi-3)
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
     return MlpStats(shape, weights, symmetric(gram), cross, tokens, float(energy) if cross is not None else None)
+
+
+def post_norm_direction(change: Tensor, gain: Tensor, iterations: int = 64) -> Tensor:
+    """Per row ``c`` of ``change`` (tokens x d), the ``n`` of RMS 1 that makes ``gain * n`` closest to ``c``
+    (float64): what a norm ``gain * z / rms(z)`` can best add to the residual stream where ``c`` is wanted.
+
+    The least squares ``min ||gain * n - c||^2`` subject to ``||n||^2 = d`` is solved by
+    ``n = gain c / (gain^2 + mu)``, with the ``mu >= -min(gain^2)`` at which ``||n||^2 = d`` (``||n||``
+    falls as ``mu`` grows there), found per token by bisection. A row of zeros gives zeros."""
+    c, g2 = change.double(), gain.double().square()
+    d = c.shape[-1]
+    a = g2 * c.square()  # ||n(mu)||^2 = sum a / (g2 + mu)^2
+    low = torch.full(c.shape[:-1] + (1,), -float(g2.min()), dtype=torch.float64, device=c.device)
+    high = (a.sum(-1, keepdim=True) / d).sqrt().clamp_min(0) + g2.max().clamp_min(torch.finfo(torch.float64).tiny)
+    for _ in range(iterations):
+        mu = (low + high) / 2
+        large = (a / (g2 + mu).square().clamp_min(torch.finfo(torch.float64).tiny)).sum(-1, keepdim=True) > d
+        low, high = torch.where(large, mu, low), torch.where(large, high, mu)
+    n = gain.double() * c / (g2 + high).clamp_min(torch.finfo(torch.float64).tiny)
+    size = n.square().mean(-1, keepdim=True).sqrt()
+    return torch.where(size > 0, n / size.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(n))
+
+
+@torch.no_grad()
+def refit_error(refitted: nn.Module, kept: nn.Module, arch: Architecture, hidden: list[Tensor], calls: list,
+                targets: list[Tensor]) -> dict:
+    """How closely a block whose ``down_proj`` was refitted through a norm after it (``refit_approximation``)
+    reaches ``targets`` on the calibration tokens, measured by running it: each figure is the share of the
+    change the target makes to the input, ``sum ||y - target||^2 / sum ||target - x||^2`` over the tokens (0:
+    exact; 1: no better than passing the input on), for ``refitted`` (``y`` its output), for ``kept`` (the
+    block as it was, not refitted: what dropping the others leaves) and for the best any ``down_proj`` could
+    do through the refitted block's norm, its attention as it is (each token's output direction chosen best,
+    ``post_norm_direction``). Blocks compute where ``refitted`` lives; ``kept`` visits that device."""
+    device = next(refitted.parameters()).device
+    post = refitted.get_submodule(arch.mlp_post_norm)
+    gain = arch.norm_scale(post.weight.detach().double())
+    reads = arch.mlp_norm if arch.mlp_norm is not None else arch.gate_proj.rsplit(".", 1)[0]
+    seen: list[Tensor] = []
+    handle = refitted.get_submodule(reads).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        outputs = run_block(refitted, [x.to(device) for x in hidden], calls, "refitted block")
+    finally:
+        handle.remove()
+    with on_device(kept, device):
+        before = run_block(kept, [x.to(device) for x in hidden], calls, "block as it was")
+    total = {"refitted": 0.0, "unrefitted": 0.0, "best direction": 0.0}
+    change, tokens = 0.0, 0
+    for x, y, y0, u, target in zip(hidden, outputs, before, seen, targets):
+        x, y, y0, u, target = (token_rows(t.to(device)).double() for t in (x, y, y0, u, target))
+        want = target - u
+        best = gain.to(device) * post_norm_direction(want, gain.to(device))
+        total["refitted"] += float((y - target).square().sum())
+        total["unrefitted"] += float((y0 - target).square().sum())
+        total["best direction"] += float((best - want).square().sum())
+        change += float((target - x).square().sum())
+        tokens += x.shape[0]
+    change = max(change, torch.finfo(torch.float64).tiny)
+    return {"approximation": arch.refit_approximation, "tokens": tokens,
+            "unexplained": {key: value / change for key, value in total.items()}}
 
 
 def _run_until_stopped(block: nn.Module, path: str, hook, hidden: list[Tensor], calls: list) -> None:

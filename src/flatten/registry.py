@@ -38,6 +38,19 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._entries)) or "none registered"
             raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
+    def build(self, entry, base: type, **options):
+        """An instance of ``base``: made by the factory registered as ``entry`` (a name) with ``options``, or
+        ``entry`` itself where it is already one (then without options)."""
+        if isinstance(entry, base):
+            if options:
+                raise ValueError(f"options are only accepted with a {self.kind} name, not with a {base.__name__} "
+                                 f"instance (got {sorted(options)})")
+            return entry
+        instance = self.get(entry)(**options)
+        if not isinstance(instance, base):
+            raise TypeError(f"{self.kind} {entry!r} made a {type(instance).__name__}, not a {base.__name__}")
+        return instance
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -204,8 +204,9 @@ def cut_plot(distances, run: tuple[int, int], path: str | Path, title: str = "")
 
 
 STEP_WORDS = {
-    "merged": "Merged: two blocks flattened into one of double width (their attention heads and MLP channels "
-              "side by side), then pruned back to the original width, keeping heads or channels of both.",
+    "merged": "Merged: two blocks (or a run of them, `12+13-18`) flattened into one block as wide as all of them "
+              "(their attention heads and MLP channels side by side), then pruned back to the original width, "
+              "keeping heads or channels of more than one block.",
     "absorbed": "Absorbed: a block removed, and the block kept in its place refitted (its `down_proj` by least "
                 "squares) to compute what the two blocks computed.",
     "dropped": "Dropped: a block removed, the blocks around it unchanged.",

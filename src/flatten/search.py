@@ -8,9 +8,9 @@ of the original model is computed once and kept in the plan (a resumed run reads
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from flatten.calibration import block_influence
 from flatten.criteria.policies import Span, Step, pair_of
 
 
@@ -30,7 +30,7 @@ class Search:
         self.spans[p : p + 2] = [(self.spans[p][0], self.spans[p + 1][1])]
         self.removed, self.remaining = self.removed + 1, self.remaining - 1
         count = len(self.spans) + 1
-        self.built = {step: built for step, built in self.built.items() if pair_of(step, count)[0] + 1 < p}
+        self.built = {step: built for step, built in self.built.items() if pair_of(step, count)[0] + step.count - 1 < p}
 
     # --- signals -----------------------------------------------------------------------------------------
 
@@ -40,7 +40,7 @@ class Search:
                 raise RuntimeError("the original model's similarity is asked for after the model has changed")
             with self.flattener.watch("block inputs and similarity"):
                 self.plan.similarity = self.flattener.similarity_matrix().tolist()
-            self.flattener._save_progress(self.plan)
+            self.flattener.save_progress(self.plan)
         return torch.tensor(self.plan.similarity, dtype=torch.float64)
 
     def similarity(self) -> Tensor:
@@ -56,10 +56,8 @@ class Search:
         influence = torch.zeros(len(self.spans), dtype=torch.float64)
         with f.watch("block influence"):
             for i, hidden, calls in f._block_inputs(self.search_batches()):
-                out = f._run(f.arch.layers_of(f.model)[i], hidden, calls, name=f"block {i}")
-                tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
-                influence[i] = sum(float((1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum())
-                                   for x, y in zip(hidden, out)) / tokens
+                influence[i] = block_influence(hidden, f._run(f.arch.layers_of(f.model)[i], hidden, calls,
+                                                              name=f"block {i}"))
         return influence
 
     def cut_distances(self, k: int, tokens: str = "all") -> Tensor:
@@ -73,7 +71,7 @@ class Search:
         count = len(self.spans)
         pairs = {step: pair_of(step, count) for step in steps}
         missing = sorted((s for s in steps if s.kind != "drop" and s not in self.built), key=lambda s: pairs[s][0])
-        self.built.update(zip(missing, f._build_at([pairs[s] for s in missing], self.fit_rows(), self.spans)))
+        self.built.update(zip(missing, f.build_at([(*pairs[s], s.count) for s in missing], self.fit_rows(), self.spans)))
         losses = {}
         search = self.search_batches()
         last = max(pairs[s][0] if s.kind != "drop" else s.position for s in steps)
@@ -83,7 +81,7 @@ class Search:
                     if step.kind == "drop" and step.position == i:  # block i's input goes straight to block i + 1
                         losses[step] = f._loss_from(hidden, i + 1, search)
                     elif step.kind != "drop" and pairs[step][0] == i:
-                        losses[step] = f._loss_from(hidden, i + 2, search, then=[self.built[step][0]])
+                        losses[step] = f._loss_from(hidden, i + step.count, search, then=[self.built[step][0]])
                 if i >= last:
                     break
         self.plan.method.setdefault("search", []).append(

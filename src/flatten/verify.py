@@ -74,6 +74,7 @@ def _tiny_model(config, arch: Architecture, seed: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     tiny = copy.deepcopy(config)
+    rotary = _rotary_pairs(config, arch.shape_of(config).head_dim)
     heads, kv_heads = TINY["num_heads"], getattr(config, arch.num_kv_heads_field, None)
     grouped = kv_heads is not None and kv_heads < getattr(config, arch.num_heads_field)
     for field, value in ((arch.num_heads_field, heads), (arch.num_kv_heads_field, heads // 2 if grouped else heads),
@@ -83,12 +84,20 @@ def _tiny_model(config, arch: Architecture, seed: int) -> nn.Module:
     tiny.hidden_size = heads * TINY["head_dim"]
     if hasattr(tiny, "vocab_size"):
         tiny.vocab_size = 64
-    for field in arch.per_layer_fields:
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):  # Phi-3's are ids of a 32k vocabulary
+            if isinstance(getattr(tiny, field, None), int) and getattr(tiny, field) >= tiny.vocab_size:
+                setattr(tiny, field, None)
+    for field in arch.per_layer_fields:  # both blocks like the first: a block kept whole takes the first's entry
         if getattr(tiny, field, None) is not None:
-            setattr(tiny, field, list(getattr(tiny, field))[:2])
+            setattr(tiny, field, list(getattr(tiny, field))[:1] * 2)
     for field in arch.layer_count_fields:
         if getattr(tiny, field, None) is not None:
             setattr(tiny, field, min(getattr(tiny, field), 2))
+    rope = getattr(tiny, "rope_parameters", None)
+    if isinstance(rope, dict):  # per-frequency factors (Phi-3's longrope): one per rotated pair of the tiny head
+        pairs = _rotary_pairs(tiny, TINY["head_dim"])
+        tiny.rope_parameters = {key: value[:pairs] if isinstance(value, list) and len(value) == rotary else value
+                                for key, value in rope.items()}
     tiny._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny).to(torch.float64).eval()
@@ -103,6 +112,12 @@ def _tiny_model(config, arch: Architecture, seed: int) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / p.shape[-1] ** 0.5)
     return model
+
+
+def _rotary_pairs(config, head_dim: int) -> int:
+    """How many pairs of dimensions RoPE rotates in a head of ``head_dim``."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) // 2
 
 
 @torch.no_grad()
@@ -138,7 +153,7 @@ def _with_mlp_of(block: nn.Module, other: nn.Module, arch: Architecture) -> nn.M
     """A copy of ``block`` with ``other``'s MLP and the norms around it."""
     mixed = copy.deepcopy(block)
     with torch.no_grad():
-        for path in (arch.mlp_norm, arch.mlp_post_norm) + arch.mlp_readers + (arch.down_proj,):
+        for path in (arch.mlp_norm, arch.mlp_post_norm) + arch.modules(arch.mlp_readers + (arch.down_proj,)):
             if path is not None:
                 for name, tensor in mixed.get_submodule(path).named_parameters():
                     tensor.copy_(other.get_submodule(path).get_parameter(name))

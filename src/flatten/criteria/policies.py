@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from flatten.checks import check_int
+from flatten.checks import TOKENS, check_choice, check_int
 from flatten.registry import Registry
 
 Span = tuple[int, int]  # first and last original block held by a block, inclusive
@@ -41,27 +41,40 @@ class Step:
     prunes it back to the original width (the scorer chooses what to keep); ``"drop"`` deletes current block
     ``position``; ``"absorb"`` deletes it too, but the block before it (after it, for block 0) keeps its
     attention as it is and its MLP's ``down_proj`` is refitted by the scorer to compute what the two blocks
-    computed (ReplaceMe's idea, with the refit of FlattenGPT's pruning)."""
+    computed (ReplaceMe's idea, with the refit of FlattenGPT's pruning). A merge of ``count`` blocks flattens
+    blocks ``position`` .. ``position + count - 1`` into one wide block and prunes it back once: ``count - 1``
+    blocks fewer."""
 
     kind: str
     position: int
+    count: int = 2
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"a step's kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 0:
             raise ValueError(f"a step's position must be a block index >= 0, got {self.position!r}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 2:
+            raise ValueError(f"a step's count must be an int >= 2 (blocks that become one), got {self.count!r}")
+        if self.count != 2 and self.kind != "merge":
+            raise ValueError(f"only a merge flattens more than two blocks; a {self.kind} removes one block")
+
+    @property
+    def removes(self) -> int:
+        return self.count - 1
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.position}" + (f"+{self.position + 1}" if self.kind == "merge" else "")
+        if self.kind != "merge":
+            return f"{self.kind} {self.position}"
+        return f"merge {self.position}" + "".join(f"+{self.position + i}" for i in range(1, self.count))
 
 
 def pair_of(step: Step, count: int) -> tuple[int, str | None]:
     """The pair of blocks (its first position) that ``step`` turns into one block in a model of ``count``
     blocks, and which block's groups and channels it keeps (None: the scorer chooses). A drop or an absorb
     of block ``i`` keeps the other block of a pair: the one before it (the one after it for block 0 in an
-    absorb, or for the last block in a drop)."""
-    i, last = step.position, count - 1 - (step.kind == "merge")
+    absorb, or for the last block in a drop). A merge of more blocks starts at its position too."""
+    i, last = step.position, count - (step.count if step.kind == "merge" else 1)
     if not i <= last or count < 2:
         raise ValueError(f"cannot {step} in a model of {count} blocks")
     if step.kind == "merge":
@@ -101,8 +114,9 @@ class PairPolicy:
     """Decides the next steps. Subclasses implement ``next_steps``."""
 
     def next_steps(self, state: SearchState) -> list[Step]:
-        """The next steps, in the order they are to be taken, at least one and at most ``state.remaining``.
-        Positions are those of the model when the step is taken (each step removes one block)."""
+        """The next steps, in the order they are to be taken: at least one, removing at most
+        ``state.remaining`` blocks in all. Positions are those of the model when the step is taken (each step
+        removes one block; a merge of ``count`` blocks removes ``count - 1``)."""
         raise NotImplementedError
 
     @property
@@ -275,17 +289,20 @@ class ContiguousCut(PairPolicy):
     channels kept) and takes whichever gives the lower loss on the first ``search_samples`` calibration
     sequences (``SearchState.trial_losses``). ``step="merge"``: each block of the run is merged (flattened and
     pruned back) with the block before it instead, which with ``Flattener(select="objective")`` keeps whichever
-    of the merge's candidates, the absorb among them, misses the run's output least."""
+    of the merge's candidates, the absorb among them, misses the run's output least. ``step="flatten"``: the
+    run and the block before it are flattened into one wide block and pruned back once (one ``Step("merge")``
+    of ``k + 1`` blocks; with ``select="objective"`` the absorb of the whole run is again a candidate)."""
+
+    STEPS = ("absorb", "merge", "flatten")
 
     def __init__(self, tokens: str = "last", merges: bool = False, search_samples: int = 4, step: str = "absorb"):
-        if tokens not in ("all", "last"):
-            raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
+        check_choice("tokens", tokens, TOKENS)
         if not isinstance(merges, (bool, int)):
             raise ValueError(f"merges must be True or False, got {merges!r}")
-        if step not in ("absorb", "merge"):
-            raise ValueError(f"step must be 'absorb' or 'merge', got {step!r}")
-        if merges and step == "merge":
-            raise ValueError("merges=True tries a merge beside each absorb; with step='merge' every step merges already")
+        if step not in self.STEPS:
+            raise ValueError(f"step must be one of {', '.join(map(repr, self.STEPS))}, got {step!r}")
+        if merges and step != "absorb":
+            raise ValueError(f"merges=True tries a merge beside each absorb; with step={step!r} every step merges already")
         check_int("search_samples", search_samples)
         self.tokens, self.merges, self.search_samples, self.step = tokens, bool(merges), search_samples, step
 
@@ -314,6 +331,8 @@ class ContiguousCut(PairPolicy):
 
     def next_steps(self, state: SearchState) -> list[Step]:
         s = self.start(state)
+        if self.step == "flatten":
+            return [Step("merge", s - 1, count=state.remaining + 1)]
         if self.step == "merge":
             return [Step("merge", s - 1)] * state.remaining
         if not self.merges:
@@ -337,16 +356,11 @@ register_policy("fixed", FixedSpans)
 register_policy("loss-search", LossSearch)
 register_policy("cut", ContiguousCut)
 register_policy("cut-merge", functools.partial(ContiguousCut, step="merge"))
+register_policy("cut-flatten", functools.partial(ContiguousCut, step="flatten"))
 register_policy("trial-loss", lambda search_samples=4, shortlist=None, keep_last=0:
                 LossSearch(search_samples, merges=shortlist, absorbs=0, drops=0, keep_last=keep_last))
 
 
 def get_policy(policy: str | PairPolicy, **options) -> PairPolicy:
-    if isinstance(policy, PairPolicy):
-        if options:
-            raise ValueError("options are only accepted with a policy name")
-        return policy
-    instance = POLICIES.get(policy)(**options)
-    if not isinstance(instance, PairPolicy):
-        raise TypeError(f"policy {policy!r} made a {type(instance).__name__}, not a PairPolicy")
-    return instance
+    """A policy instance from a registered name (with options) or an instance (returned as is)."""
+    return POLICIES.build(policy, PairPolicy, **options)

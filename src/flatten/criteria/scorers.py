@@ -253,14 +253,7 @@ def register_scorer(name: str, factory: Callable[..., ChannelScorer] | None = No
 
 def get_scorer(scorer: str | ChannelScorer, **options) -> ChannelScorer:
     """A scorer instance from a registered name (with options) or an instance (returned as is)."""
-    if isinstance(scorer, ChannelScorer):
-        if options:
-            raise ValueError("options are only accepted with a scorer name")
-        return scorer
-    instance = SCORERS.get(scorer)(**options)
-    if not isinstance(instance, ChannelScorer):
-        raise TypeError(f"scorer {scorer!r} made a {type(instance).__name__}, not a ChannelScorer")
-    return instance
+    return SCORERS.build(scorer, ChannelScorer, **options)
 
 
 def _variant(**fixed):

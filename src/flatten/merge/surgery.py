@@ -26,8 +26,9 @@ def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
                  arch: Architecture | None = None) -> nn.Module:
     """Replace blocks ``start .. stop-1`` of ``model`` (in place) with ``block``; return the model.
 
-    Renumbers ``layer_idx``, shrinks per-layer config lists (the span keeps its first layer's entry),
-    lowers leading-layer counts and sets the layer count.
+    Renumbers ``layer_idx``, shrinks per-layer config lists (the span keeps its first layer's entry: a block
+    whose attention was built for another entry of ``layer_types``, e.g. Gemma 3's sliding-window or global
+    attention, is refused), lowers leading-layer counts and sets the layer count.
     """
     arch = arch or architecture_for(model)
     layers = arch.layers_of(model)
@@ -40,6 +41,11 @@ def replace_span(model: nn.Module, start: int, stop: int, block: nn.Module,
         raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
     if type(block) is not type(layers[start]):
         raise TypeError(f"block is a {type(block).__name__}, the model's blocks are {type(layers[start]).__name__}")
+    built_as = {m.layer_type for m in block.modules() if isinstance(getattr(m, "layer_type", None), str)}
+    types = getattr(model.config, "layer_types", None)
+    if built_as and isinstance(types, (list, tuple)) and len(types) == count and built_as != {types[start]}:
+        raise ValueError(f"the block was built as a {', '.join(sorted(built_as))} layer, but block {start}, whose "
+                         f"config entry it takes, is a {types[start]} layer (its attention mask and RoPE)")
 
     remove_blocks(model, range(start + 1, stop), arch)
     layers[start] = place_like(block, layers[start])
