@@ -12,10 +12,11 @@ import torch
 from tiny import TinySpec, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from flatten import ARCHITECTURES, Architecture, register_architecture
+from flatten import ARCHITECTURES, Architecture, architecture_for, register_architecture
 from flatten.architectures import Gguf
 from flatten.cli import main
 from flatten.export import export_gguf, exportable, tokenizer_source
+from flatten.merge import remove_blocks
 from flatten.models import embedded_model_path
 
 
@@ -43,12 +44,13 @@ def _rounded(weight: torch.Tensor, outtype: str) -> torch.Tensor:
 
 
 # head_dim per family where transformers' GGUF loader needs one: it reads Qwen3's as Qwen3Config's default (128),
-# not from attention.key_length, which the file holds (test_a_head_dim_other_than_hidden_over_heads_is_written)
-HEAD_DIM = {"qwen3": 128}
+# not from attention.key_length, which the file holds (test_a_head_dim_other_than_hidden_over_heads_is_written);
+# Gemma 3's query_pre_attn_scalar as its default (256), which llama.cpp's graph takes to be head_dim
+HEAD_DIM = {"qwen3": 128, "gemma3_text": 256}
 
 
 def test_the_registered_families_with_a_llama_cpp_counterpart_export():
-    assert {"llama", "mistral", "qwen2", "qwen3", "phi3"} <= set(exportable())
+    assert {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"} <= set(exportable())
     assert "olmo2" not in exportable()
 
 
@@ -67,8 +69,10 @@ def test_tiny_models_round_trip_through_transformers_gguf_loader(tmp_path, model
     assert gguf.GGUFReader(path).fields["general.architecture"].contents() == ARCHITECTURES.get(model_type).gguf.arch
     loaded = back.state_dict()
     assert loaded.keys() == model.state_dict().keys()
+    plus_one = ARCHITECTURES.get(model_type).norm == "rms+1"  # written as 1 + w, read back as (1 + w) - 1
     for name, weight in model.state_dict().items():
-        assert torch.equal(loaded[name], _rounded(weight, outtype)), name
+        want = (weight + 1) - 1 if plus_one and name.endswith("norm.weight") else weight
+        assert torch.equal(loaded[name], _rounded(want, outtype)), name
     ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits if outtype == "f32" else None
@@ -133,6 +137,22 @@ def test_a_head_dim_other_than_hidden_over_heads_is_written(tmp_path):
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     assert np.array_equal(tensors["blk.1.attn_q_norm.weight"].data,
                           model.model.layers[1].self_attn.q_norm.weight.detach().numpy())
+
+
+def test_a_gemma3_whose_global_layers_moved_or_whose_attention_scale_differs_is_refused(tmp_path):
+    """llama.cpp's Gemma 3 graph makes every 6th layer global whatever the file says: a model whose global layers
+    moved when blocks were removed, or whose query_pre_attn_scalar is not head_dim, would compute otherwise."""
+    spec = TinySpec("gemma3_text", hidden_multiple=8, num_kv_heads=2, group_size=2, head_dim=256, intermediate_size=64,
+                    num_layers=7, dtype=torch.float32)
+    model, tokenizer = tiny_model(spec), _bpe_folder(tmp_path / "tok")
+    assert model.config.layer_types[5] == "full_attention"  # the pattern: blocks 0-4 and 6 sliding-window
+    export_gguf(model, tmp_path / "pattern.gguf", tokenizer_from=tokenizer)
+    remove_blocks(model, [2], architecture_for(model))  # the global block 5 is now block 4
+    with pytest.raises(ValueError, match=r"every 6th layer global .*differ at blocks 4, 5 "):
+        export_gguf(model, tmp_path / "moved.gguf", tokenizer_from=tokenizer)
+    with pytest.raises(ValueError, match=r"1/sqrt\(head_dim\) = 1/sqrt\(256\); this model's query_pre_attn_scalar is 64"):
+        export_gguf(tiny_model(spec, query_pre_attn_scalar=64), tmp_path / "scaled.gguf", tokenizer_from=tokenizer)
+    assert not (tmp_path / "moved.gguf").exists() and not (tmp_path / "scaled.gguf").exists()
 
 
 def test_a_family_without_a_llama_cpp_counterpart_is_refused_with_those_that_export(tmp_path):

@@ -323,3 +323,28 @@ def test_the_real_gemma3_270m_compresses_by_default_reloads_stock_and_generates(
     cached, uncached = _greedy(reloaded, ids, True), _greedy(reloaded, ids, False)
     assert torch.equal(cached, uncached) and cached.shape[1] > ids.shape[1]
     assert tokenizer.decode(cached[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(part) is None for part in GEMMA_PARTS),
+                    reason="Gemma-3-270M's parts are not installed (scripts/setup.sh installs them)")
+def test_the_real_gemma3_270m_exports_to_gguf_and_loads_back_and_a_compressed_one_is_refused(tmp_path):
+    """Dense, its GGUF (f32) loads back through transformers' GGUF loader with the same logits; compressed, its
+    global layers have moved off llama.cpp's fixed pattern and export says so before writing anything."""
+    from flatten import load_model
+    from flatten.export import export_gguf
+    from flatten.merge import remove_blocks
+    from flatten.models import embedded_model_path
+
+    model, tokenizer = load_model("gemma3-270m")
+    path = export_gguf(model, tmp_path / "gemma.gguf", outtype="f32", tokenizer_from=embedded_model_path("gemma3-270m"))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert back.config.layer_types == model.config.layer_types
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    del back
+    remove_blocks(model, [6, 7, 8], architecture_for(model))
+    with pytest.raises(ValueError, match=r"every 6th layer global .*differ at blocks"):
+        export_gguf(model, tmp_path / "compressed.gguf", tokenizer_from=embedded_model_path("gemma3-270m"))
+    assert not (tmp_path / "compressed.gguf").exists()

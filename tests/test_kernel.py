@@ -105,11 +105,11 @@ def test_flattening_with_a_silent_block_then_keeping_the_first_gives_the_first_b
 def _snapshot(module, arch=None):
     """The module's tensors by name; with ``arch``, a block's, fused projections split into their virtual ones."""
     state = {name: t.detach().clone() for name, t in module.state_dict().items()}
-    return state if arch is None else arch.split_state(state)
+    return state if arch is None else arch.projections.split(state)
 
 
 def _folded(block, reader, norm, arch):
-    weight = arch.projection(block, reader)[0].detach()
+    weight = arch.projections.of(block, reader)[0].detach()
     return weight if norm is None else weight * arch.norm_scale(block.get_submodule(norm).weight.detach())
 
 
@@ -131,8 +131,8 @@ def test_flatten_builds_exactly_the_concatenated_weights_and_touches_nothing_els
         for name in readers:
             path = f"{'mlp' if name in ('gate_proj', 'up_proj') else 'self_attn'}.{name}"
             expected[f"{path}.weight"] = torch.cat([_folded(first, path, norm, arch), _folded(second, path, norm, arch)])
-            if arch.projection(first, path)[1] is not None:
-                expected[f"{path}.bias"] = torch.cat([arch.projection(block, path)[1] for block in (first, second)])
+            if arch.projections.of(first, path)[1] is not None:
+                expected[f"{path}.bias"] = torch.cat([arch.projections.of(block, path)[1] for block in (first, second)])
     for path in ("self_attn.o_proj", "mlp.down_proj"):
         expected[f"{path}.weight"] = torch.cat([first.get_submodule(path).weight, second.get_submodule(path).weight], 1)
         if first.get_submodule(path).bias is not None:

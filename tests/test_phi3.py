@@ -57,7 +57,7 @@ def _greedy(model, ids, use_cache):
 
 def test_the_fusion_is_stated_as_data():
     arch = ARCHITECTURES.get("phi3")
-    assert arch.fusions == {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    assert arch.projections.fused == {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
     assert arch.merge_refusal is None  # pre-norms only: merges are exact
     model = _model("phi3-longrope")
@@ -83,10 +83,10 @@ def test_virtual_projections_are_the_rows_of_the_fused_weights():
     spec, _ = FAMILIES["phi3"]
     model = _model("phi3")
     arch, block = architecture_for(model), model.model.layers[1]
-    q, k, v = (arch.projection(block, path)[0] for path in (arch.q_proj, arch.k_proj, arch.v_proj))
+    q, k, v = (arch.projections.of(block, path)[0] for path in (arch.q_proj, arch.k_proj, arch.v_proj))
     assert (q.shape[0], k.shape[0], v.shape[0]) == (spec.num_heads * spec.head_dim,) + (spec.num_kv_heads * spec.head_dim,) * 2
     assert torch.equal(torch.cat([q, k, v]), block.self_attn.qkv_proj.weight)
-    gate, up = (arch.projection(block, path)[0] for path in (arch.gate_proj, arch.up_proj))
+    gate, up = (arch.projections.of(block, path)[0] for path in (arch.gate_proj, arch.up_proj))
     assert torch.equal(torch.cat([gate, up]), block.mlp.gate_up_proj.weight) and gate.shape[0] == spec.intermediate_size
     z = random_hidden(spec, 1, 3)
     with torch.no_grad():  # Phi3MLP computes up * act(gate) with exactly these halves
@@ -151,10 +151,10 @@ def test_pruning_a_wide_phi3_block_keeps_the_rows_it_names():
     kept = prune_block(wide, arch, config, 2, [0, 2], channels)
     shape = arch.block_shape(wide, config)
     groups = torch.tensor([0, 2])
-    q, k, v = (arch.projection(wide, path)[0] for path in (arch.q_proj, arch.k_proj, arch.v_proj))
+    q, k, v = (arch.projections.of(wide, path)[0] for path in (arch.q_proj, arch.k_proj, arch.v_proj))
     want = torch.cat([q[shape.head_rows(groups)], k[shape.kv_rows(groups)], v[shape.kv_rows(groups)]])
     assert torch.equal(kept.self_attn.qkv_proj.weight, want)
-    gate, up = (arch.projection(wide, path)[0] for path in (arch.gate_proj, arch.up_proj))
+    gate, up = (arch.projections.of(wide, path)[0] for path in (arch.gate_proj, arch.up_proj))
     assert torch.equal(kept.mlp.gate_up_proj.weight, torch.cat([gate[channels], up[channels]]))
     assert arch.block_shape(kept, config) == arch.shape_of(config)
 

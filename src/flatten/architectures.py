@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flatten.fused import Projections, check_fusions
 from flatten.registry import Registry
 
 
@@ -52,13 +53,6 @@ QK_NORMS = {  # what a q/k norm normalises over
     "head": "each head's query (key) alone, with one weight of head_dim shared by every head (Qwen3)",
     "channel": "all heads' queries (keys) together, with one weight per channel (OLMo 2)",
 }
-FUSABLE = {  # projections one fused weight may hold (rows stacked), with the rows each takes in a block
-    "q_proj": "num_heads * head_dim (the columns of o_proj)",
-    "k_proj": "num_kv_heads * head_dim (as many as v_proj)",
-    "v_proj": "num_kv_heads * head_dim (as many as k_proj)",
-    "gate_proj": "intermediate_size (the columns of down_proj)",
-    "up_proj": "intermediate_size (the columns of down_proj)",
-}
 ROTARY = {  # how llama.cpp's graph of an architecture pairs the dimensions it rotates
     "halves": "dimension i with i + head_dim / 2, as transformers does: q/k rows written as they are",
     "pairs": "dimension 2i with 2i + 1 (llama.cpp's LLaMA graph): q/k rows permuted when written",
@@ -69,14 +63,21 @@ ROTARY = {  # how llama.cpp's graph of an architecture pairs the dimensions it r
 class Gguf:
     """A family's counterpart in llama.cpp, for GGUF export: ``arch``, the name llama.cpp gives the
     architecture (a value of ``gguf.MODEL_ARCH_NAMES``, whose tensor-name map names every weight), ``rotary``,
-    a key of ``ROTARY``, and ``sliding_window``: llama.cpp's graph reads ``attention.sliding_window`` (the
-    config's, 0 for none: Phi-3 tells Phi-4 apart by it)."""
+    a key of ``ROTARY``, ``sliding_window``: llama.cpp's graph reads ``attention.sliding_window`` (the
+    config's, 0 for none: Phi-3 tells Phi-4 apart by it), and ``global_every``: that graph (and transformers'
+    GGUF loader) makes every ``global_every``-th layer global attention and the others sliding-window, a
+    pattern no GGUF key overrides (Gemma 3: 6), so a model whose ``layer_types`` differ cannot be written
+    (0: no such pattern)."""
 
     arch: str
     rotary: str = "halves"
     sliding_window: bool = False
+    global_every: int = 0
 
     def __post_init__(self):
+        if isinstance(self.global_every, bool) or not isinstance(self.global_every, int) or self.global_every < 0:
+            raise ValueError(f"GGUF counterpart {self.arch!r} declares global_every={self.global_every!r}; give an "
+                             "int >= 0 (0: no fixed pattern of global and sliding-window layers)")
         if self.rotary not in ROTARY:
             known = "; ".join(f"{key!r}: {form}" for key, form in ROTARY.items())
             raise ValueError(f"GGUF counterpart {self.arch!r} declares rotary {self.rotary!r}; known: {known}")
@@ -126,64 +127,14 @@ class Architecture:
     # direction per token that comes closest to the target through that norm, an approximation whose error each
     # refit measures on the calibration tokens and records (``refit_approximation``; Gemma 3, OLMo 2)
     post_norm_refit: bool = False
-    # fused projections: (path of the one weight, the fields of FUSABLE it holds, in row order). The fields'
-    # paths then name virtual projections, slices of it: the kernel, calibration and scorers see those, and
+    # fused projections: (path of the one weight, the fields of flatten.fused.FUSABLE it holds, in row order).
+    # The fields' paths then name virtual projections, slices of it: the kernel, calibration and scorers see those, and
     # a block built from them holds the fused weight again (Phi-3: qkv_proj, gate_up_proj)
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     gguf: Gguf | None = None  # the family's llama.cpp counterpart (None: no GGUF export)
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            known = "; ".join(f"{key!r}: {form}" for key, form in NORMS.items())
-            raise ValueError(f"architecture {self.model_type!r} declares norm {self.norm!r}, which the kernel "
-                             f"cannot fold; it folds only these ({known})")
-        if self.qk_norm not in QK_NORMS:
-            known = "; ".join(f"{key!r}: over {form}" for key, form in QK_NORMS.items())
-            raise ValueError(f"architecture {self.model_type!r} declares qk_norm {self.qk_norm!r}; known: {known}")
-        if (self.q_norm is None) != (self.k_norm is None):
-            raise ValueError(f"architecture {self.model_type!r} declares q_norm={self.q_norm!r} and "
-                             f"k_norm={self.k_norm!r}: a block normalises both queries and keys, or neither")
-        for sublayer, before, after in (("attention", "attn_norm", "attn_post_norm"), ("MLP", "mlp_norm", "mlp_post_norm")):
-            if getattr(self, before) is None and getattr(self, after) is None:
-                raise ValueError(f"architecture {self.model_type!r} declares no norm around its {sublayer}: each "
-                                 f"sub-layer needs a norm before it ({before}), after it ({after}) or both")
-        named: dict[str, str] = {}
-        for field in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm", "q_proj",
-                      "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            path = getattr(self, field)
-            if path is not None and named.setdefault(path, field) != field:
-                raise ValueError(f"architecture {self.model_type!r} names {path!r} twice, as {named[path]} and as "
-                                 f"{field} (set the one the block does not have to None)")
-        self._check_fused(named)
-
-    def _check_fused(self, named: dict[str, str]) -> None:
-        """Refuse a fusion the kernel cannot split and fuse back."""
-        if self.gguf is not None and not isinstance(self.gguf, Gguf):
-            raise ValueError(f"architecture {self.model_type!r} declares gguf={self.gguf!r}; give a "
-                             "flatten.architectures.Gguf (llama.cpp's architecture name, its rotary layout) or None")
-        sublayers = {field: ("attention" if field in ("q_proj", "k_proj", "v_proj") else "MLP") for field in FUSABLE}
-        seen: dict[str, str] = {}
-        for entry in self.fused:
-            path, fields = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
-            if not isinstance(path, str) or not isinstance(fields, tuple) or len(fields) < 2:
-                raise ValueError(f"architecture {self.model_type!r} declares the fusion {entry!r}; each is (path of "
-                                 "the fused weight, (two or more of " + ", ".join(FUSABLE) + ") in row order)")
-            for field in fields:
-                if field not in FUSABLE:
-                    known = "; ".join(f"{key}: {rows}" for key, rows in FUSABLE.items())
-                    raise ValueError(f"architecture {self.model_type!r} fuses {field!r} into {path!r}; the kernel "
-                                     f"splits only projections that read a norm's output, by rows ({known})")
-                if field in seen:
-                    raise ValueError(f"architecture {self.model_type!r} fuses {field} twice, into {seen[field]!r} "
-                                     f"and {path!r}")
-                seen[field] = path
-            if len({sublayers[field] for field in fields}) > 1:
-                raise ValueError(f"architecture {self.model_type!r} fuses {', '.join(fields)} into {path!r}: "
-                                 "attention and MLP projections read different norms and cannot share one weight")
-            if path in named:
-                raise ValueError(f"architecture {self.model_type!r} names {path!r} twice, as {named[path]} and as "
-                                 "a fused projection")
-            named[path] = "a fused projection"
+        _check_description(self)
 
     def norm_scale(self, weight: Tensor) -> Tensor:
         """The per-channel factor a norm with this ``weight`` applies after dividing by ``rms(x)``."""
@@ -194,75 +145,10 @@ class Architecture:
         return scale - 1 if self.norm == "rms+1" else scale
 
     @property
-    def fusions(self) -> dict[str, tuple[str, ...]]:
-        """Each fused projection's path, with the paths of the virtual projections it holds, in row order."""
-        return {path: tuple(getattr(self, field) for field in fields) for path, fields in self.fused}
-
-    def modules(self, paths: tuple[str, ...]) -> tuple[str, ...]:
-        """The modules a block really has for ``paths``: a fused projection in place of its virtual ones (once)."""
-        holder = {part: path for path, parts in self.fusions.items() for part in parts}
-        return tuple(dict.fromkeys(holder.get(path, path) for path in paths))
-
-    def split_rows(self, fused: str, rows: int, attention_width: int, channels: int) -> list[int]:
-        """The rows of each virtual projection in the fused weight ``fused`` of ``rows`` rows, in a block whose
-        ``o_proj`` reads ``attention_width`` columns (query heads x head_dim) and whose ``down_proj`` reads
-        ``channels``: q_proj takes ``attention_width``, gate_proj and up_proj ``channels`` each, k_proj and
-        v_proj the rest in equal parts."""
-        parts = self.fusions[fused]
-        known = {self.q_proj: attention_width, self.gate_proj: channels, self.up_proj: channels}
-        unknown = [part for part in parts if part not in known]
-        rest = rows - sum(known[part] for part in parts if part in known)
-        if rest < 0 or (rest % len(unknown) if unknown else rest):
-            raise ValueError(f"{fused} has {rows} rows, which do not split into {', '.join(parts)} of a block whose "
-                             f"o_proj reads {attention_width} and down_proj {channels} columns")
-        return [known[part] if part in known else rest // len(unknown) for part in parts]
-
-    def _widths(self, state: dict[str, Tensor]) -> tuple[int, int]:
-        return state[f"{self.o_proj}.weight"].shape[1], state[f"{self.down_proj}.weight"].shape[1]
-
-    def split_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``state`` (a block's tensors by name) with each fused weight (and bias) split into its virtual
-        projections' (views, not copies)."""
-        if not self.fused:
-            return state
-        state = dict(state)
-        for fused, parts in self.fusions.items():
-            rows = self.split_rows(fused, state[f"{fused}.weight"].shape[0], *self._widths(state))
-            for kind in ("weight", "bias"):
-                tensor = state.pop(f"{fused}.{kind}", None)
-                if tensor is not None:
-                    state.update({f"{part}.{kind}": t for part, t in zip(parts, tensor.split(rows))})
-        return state
-
-    def fuse_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``state`` with the virtual projections of each fused weight (and bias) stacked into it again."""
-        if not self.fused:
-            return state
-        state = dict(state)
-        for fused, parts in self.fusions.items():
-            for kind in ("weight", "bias"):
-                present = [f"{part}.{kind}" in state for part in parts]
-                if any(present) and not all(present):
-                    raise ValueError(f"only some of {', '.join(parts)} have a {kind}; {fused} holds all or none")
-                if all(present):
-                    state[f"{fused}.{kind}"] = torch.cat([state.pop(f"{part}.{kind}") for part in parts])
-        return state
-
-    def projection(self, block: nn.Module, path: str) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias (or None) of the projection ``path`` of ``block``, a real or a virtual one (a
-        slice of its fused weight)."""
-        for fused, parts in self.fusions.items():
-            if path in parts:
-                module = block.get_submodule(fused)
-                rows = self.split_rows(fused, module.weight.shape[0],
-                                       block.get_submodule(self.o_proj).weight.shape[1],
-                                       block.get_submodule(self.down_proj).weight.shape[1])
-                i = parts.index(path)
-                start = sum(rows[:i])
-                bias = None if module.bias is None else module.bias[start : start + rows[i]]
-                return module.weight[start : start + rows[i]], bias
-        module = block.get_submodule(path)
-        return module.weight, getattr(module, "bias", None)
+    def projections(self) -> Projections:
+        """The block's projections as it holds them: fused weights split into virtual projections and back."""
+        return Projections({path: tuple(getattr(self, field) for field in fields) for path, fields in self.fused},
+                           self.q_proj, self.gate_proj, self.up_proj, self.o_proj, self.down_proj)
 
     @property
     def attn_readers(self) -> tuple[str, ...]:
@@ -384,7 +270,7 @@ class Architecture:
         """The shape a block really has, read off its weights (a wide block differs from its config)."""
         self.check_block(block)
         head_dim = self.shape_of(config).head_dim
-        q_rows, k_rows, channels = (self.projection(block, path)[0].shape[0]
+        q_rows, k_rows, channels = (self.projections.of(block, path)[0].shape[0]
                                     for path in (self.q_proj, self.k_proj, self.gate_proj))
         if self.q_norm is not None:
             for path, rows in ((self.q_norm, q_rows), (self.k_norm, k_rows)):
@@ -406,7 +292,7 @@ class Architecture:
 
     def check_block(self, block: nn.Module) -> None:
         """Raise a clear error if the block lacks a part this description names."""
-        for path in self.modules(self.norms + self.attn_readers + self.mlp_readers + self.writers):
+        for path in self.projections.modules(self.norms + self.attn_readers + self.mlp_readers + self.writers):
             try:
                 module = block.get_submodule(path)
             except AttributeError:
@@ -428,6 +314,35 @@ def register_architecture(arch: Architecture, *, replace: bool = False) -> Archi
     if not isinstance(arch, Architecture):
         raise TypeError(f"register_architecture takes an Architecture, got {type(arch).__name__}")
     return ARCHITECTURES.register(arch.model_type, arch, replace=replace)
+
+
+def _check_description(arch: Architecture) -> None:
+    """Refuse a description the code cannot honour, with what is accepted."""
+    if arch.norm not in NORMS:
+        known = "; ".join(f"{key!r}: {form}" for key, form in NORMS.items())
+        raise ValueError(f"architecture {arch.model_type!r} declares norm {arch.norm!r}, which the kernel "
+                         f"cannot fold; it folds only these ({known})")
+    if arch.qk_norm not in QK_NORMS:
+        known = "; ".join(f"{key!r}: over {form}" for key, form in QK_NORMS.items())
+        raise ValueError(f"architecture {arch.model_type!r} declares qk_norm {arch.qk_norm!r}; known: {known}")
+    if (arch.q_norm is None) != (arch.k_norm is None):
+        raise ValueError(f"architecture {arch.model_type!r} declares q_norm={arch.q_norm!r} and "
+                         f"k_norm={arch.k_norm!r}: a block normalises both queries and keys, or neither")
+    for sublayer, before, after in (("attention", "attn_norm", "attn_post_norm"), ("MLP", "mlp_norm", "mlp_post_norm")):
+        if getattr(arch, before) is None and getattr(arch, after) is None:
+            raise ValueError(f"architecture {arch.model_type!r} declares no norm around its {sublayer}: each "
+                             f"sub-layer needs a norm before it ({before}), after it ({after}) or both")
+    named: dict[str, str] = {}
+    for field in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm", "q_proj",
+                  "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        path = getattr(arch, field)
+        if path is not None and named.setdefault(path, field) != field:
+            raise ValueError(f"architecture {arch.model_type!r} names {path!r} twice, as {named[path]} and as "
+                             f"{field} (set the one the block does not have to None)")
+    if arch.gguf is not None and not isinstance(arch.gguf, Gguf):
+        raise ValueError(f"architecture {arch.model_type!r} declares gguf={arch.gguf!r}; give a "
+                         "flatten.architectures.Gguf (llama.cpp's architecture name, its rotary layout) or None")
+    check_fusions(arch.model_type, arch.fused, named)
 
 
 def architecture_for(model_or_config) -> Architecture:
@@ -453,7 +368,7 @@ register_architecture(Architecture("phi3", fused=(("self_attn.qkv_proj", ("q_pro
 register_architecture(Architecture("gemma3_text", attn_norm="input_layernorm", mlp_norm="pre_feedforward_layernorm",
                                    attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
                                    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm="head", norm="rms+1",
-                                   post_norm_refit=True))
+                                   post_norm_refit=True, gguf=Gguf("gemma3", sliding_window=True, global_every=6)))
 register_architecture(Architecture("olmo2", attn_norm=None, mlp_norm=None, attn_post_norm="post_attention_layernorm",
                                    mlp_post_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm",
                                    k_norm="self_attn.k_norm", qk_norm="channel", post_norm_refit=True))

@@ -100,12 +100,12 @@ class ShortGPT(Baseline):
 
     @torch.no_grad()
     def block_influence(self) -> Tensor:
-        inputs = self._capture()
+        inputs = self.capture_inputs()
         layers = self.arch.layers_of(self.model)
         influence = torch.zeros(len(layers), dtype=torch.float64)
         hidden = inputs.hidden
         for i, layer in enumerate(tqdm(layers, desc="block influence", unit="block", disable=not self.progress)):
-            out = self._run(layer, hidden, inputs.calls[i], name=f"block {i}")
+            out = self.run_layer(layer, hidden, inputs.calls[i], name=f"block {i}")
             influence[i] = block_influence(hidden, out)
             hidden = out
         return influence
@@ -132,8 +132,8 @@ class SLEB(Baseline):
         removed, losses = [], []
         for _ in tqdm(range(k), desc="SLEB", unit="block", disable=not self.progress):
             # without block i: block i's input goes straight to block i + 1
-            candidates = [self._loss_from(hidden, i + 1, self.search_batches)
-                          for i, hidden, _ in self._block_inputs(self.search_batches)]
+            candidates = [self.loss_from(hidden, i + 1, self.search_batches)
+                          for i, hidden, _ in self.block_inputs(self.search_batches)]
             best = min(range(len(candidates)), key=candidates.__getitem__)
             removed.append(original.pop(best))
             losses.append(candidates)
@@ -358,11 +358,11 @@ class BlockPruner(Baseline):
         with tqdm(total=budget, desc="BlockPruner", unit="param", unit_scale=True, disable=not self.progress) as bar:
             while removed_parameters < budget:
                 candidates = {}
-                for i, hidden, _ in self._block_inputs(self.search_batches):
+                for i, hidden, _ in self.block_inputs(self.search_batches):
                     for kind in self.KINDS:
                         if (i, kind) not in skipped:
                             with self._skipping(i, kind):
-                                candidates[(i, kind)] = self._loss_from(hidden, i, self.search_batches)
+                                candidates[(i, kind)] = self.loss_from(hidden, i, self.search_batches)
                 best = min(candidates, key=candidates.get)
                 skipped[best] = self._skip(*best)
                 order.append({"block": best[0], "sublayer": best[1], "loss": candidates[best]})
@@ -426,7 +426,7 @@ class PruneOnly(Baseline):
         layers = self.arch.layers_of(self.model)
         block = sum(p.numel() for p in layers[0].parameters())
         width = self.arch.shape_of(self.model.config).intermediate_size
-        projections = [self.arch.projection(layers[0], path) for path in self.arch.mlp_readers]  # fused: slices
+        projections = [self.arch.projections.of(layers[0], path) for path in self.arch.mlp_readers]  # fused: slices
         per_channel = (sum(weight.numel() for weight, _ in projections)
                        + layers[0].get_submodule(self.arch.down_proj).weight.numel()) // width
         per_channel += sum(bias is not None for _, bias in projections)
@@ -440,7 +440,7 @@ class PruneOnly(Baseline):
         k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
         config, layers = self.model.config, self.arch.layers_of(self.model)
         shape, width = self.arch.shape_of(config), self.width_for(k)
-        inputs = self._capture()
+        inputs = self.capture_inputs()
         hidden = inputs.hidden
         approximate, errors = self.arch.refit_approximation is not None, []  # refits through a norm: measured
         for i in tqdm(range(len(layers)), desc="prune-only", unit="block", disable=not self.progress):
@@ -456,7 +456,7 @@ class PruneOnly(Baseline):
                 del targets
             replace_span(self.model, i, i + 1, narrow.to(home), self.arch)
             if i + 1 < len(layers):
-                hidden = self._run(layers[i], hidden, calls, name=f"block {i} (pruned)")
+                hidden = self.run_layer(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
         return self.model, self._record(start, mlp_width=(shape.intermediate_size, width),
                                         **({"scores": {"refit": errors}} if errors else {}))
@@ -569,10 +569,10 @@ class ReplaceMe(_ContiguousCut):
         d = self.model.config.hidden_size
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         cross = torch.zeros(d, d, dtype=torch.float64, device=self.device)
-        inputs = self._capture()
+        inputs = self.capture_inputs()
         hidden = inputs.hidden
         for i in range(first - 1):
-            hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+            hidden = self.run_layer(layers[i], hidden, inputs.calls[i], name=f"block {i}")
         mlp_out: list[Tensor] = []  # block first-1's MLP output (down_proj's), one tensor per batch
         residual: list[Tensor] = []  # and its residual stream r, where the MLP reads it
         block = layers[first - 1]
@@ -583,13 +583,13 @@ class ReplaceMe(_ContiguousCut):
                  block.get_submodule(reads).register_forward_pre_hook(
                      lambda module, args: residual.append(args[0].detach()))]
         try:
-            outputs = self._run(block, hidden, inputs.calls[first - 1], name=f"block {first - 1}")
+            outputs = self.run_layer(block, hidden, inputs.calls[first - 1], name=f"block {first - 1}")
         finally:
             for hook in hooks:
                 hook.remove()
         targets = outputs
         for j in range(first, first + k):
-            targets = self._run(layers[j], targets, inputs.calls[j], name=f"block {j}")
+            targets = self.run_layer(layers[j], targets, inputs.calls[j], name=f"block {j}")
         gain = None if post is None else self.arch.norm_scale(
             block.get_submodule(post).weight.detach().double()).to(self.device)
         for m, y, r, target in zip(mlp_out, outputs, residual, targets):

@@ -252,7 +252,7 @@ def attention_stats(wide: nn.Module, arch: Architecture, shape: BlockShape, hidd
         raise _Stop
 
     _run_until_stopped(wide, arch.o_proj, hook, hidden, calls)
-    weights = {key: arch.projection(wide, path)[0].detach()  # a fused projection's slices (Phi-3)
+    weights = {key: arch.projections.of(wide, path)[0].detach()  # a fused projection's slices (Phi-3)
                for key, path in (("q", arch.q_proj), ("k", arch.k_proj), ("v", arch.v_proj), ("o", arch.o_proj))}
     return AttentionStats(shape, weights, symmetric(gram), contribution / tokens, tokens)
 
@@ -316,7 +316,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         _run_until_stopped(half, arch.down_proj, down_hook, hidden, calls)
     finally:
         handle.remove()
-    weights = {key: arch.projection(half, path)[0].detach()  # a fused projection's slices (Phi-3)
+    weights = {key: arch.projections.of(half, path)[0].detach()  # a fused projection's slices (Phi-3)
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
     return MlpStats(shape, weights, symmetric(gram), cross, tokens, float(energy) if cross is not None else None)
 

@@ -87,24 +87,27 @@ class Compressor:
     def compress(self, remove: int | None = None, ratio: float | None = None) -> tuple[nn.Module, Decisions]:
         raise NotImplementedError
 
-    def _capture(self, batches: list[Tensor] | None = None) -> LayerInputs:
+    def capture_inputs(self, batches: list[Tensor] | None = None) -> LayerInputs:
+        """The first block's input on ``batches`` (default: the calibration batches) and every block's other
+        arguments, on the computing device."""
         return capture(self.model, self.arch, batches or self.batches).to(self.device)
 
-    def _run(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
+    def run_layer(self, block: nn.Module, hidden: list[Tensor], calls: list, name: str) -> list[Tensor]:
+        """``block``'s outputs on ``hidden`` (one tensor per batch), computed on the computing device."""
         with on_device(block, self.device):
             return run_block(block, hidden, calls, name=name)
 
-    def _block_inputs(self, batches: list[Tensor]):
+    def block_inputs(self, batches: list[Tensor]):
         """Yield ``(i, input of block i on batches, block i's other arguments)`` for every block, each input
         computed from the last; between steps the caller may change the model from block ``i`` on, as long as
         block ``i`` is as it was when the step ends."""
         layers = self.arch.layers_of(self.model)
-        inputs = self._capture(batches)
+        inputs = self.capture_inputs(batches)
         hidden = inputs.hidden
         for i in range(len(layers)):
             yield i, hidden, inputs.calls[i]
             if i + 1 < len(layers):
-                hidden = self._run(layers[i], hidden, inputs.calls[i], name=f"block {i}")
+                hidden = self.run_layer(layers[i], hidden, inputs.calls[i], name=f"block {i}")
 
     @torch.no_grad()
     def cut_distances(self, k: int, tokens: str = "all") -> Tensor:
@@ -125,16 +128,16 @@ class Compressor:
         count = len(layers)
         distances = torch.zeros(count - k + 1, dtype=torch.float64)
         recent: list[Tensor] = []  # unit-norm token rows of the last k + 1 boundaries
-        for i, hidden, calls in self._block_inputs(self.batches):
+        for i, hidden, calls in self.block_inputs(self.batches):
             recent = (recent + [unit_rows(hidden)])[-(k + 1):]
             if i >= k:
                 distances[i - k] = angular(recent[0], recent[-1])
             if i == count - 1:
-                output = self._run(layers[i], hidden, calls, name=f"block {i}")
+                output = self.run_layer(layers[i], hidden, calls, name=f"block {i}")
                 distances[count - k] = angular(recent[-k] if k else unit_rows(output), unit_rows(output))
         return distances
 
-    def _loss_from(self, hidden: list[Tensor], stop: int, batches: list[Tensor], then: list[nn.Module] = ()) -> float:
+    def loss_from(self, hidden: list[Tensor], stop: int, batches: list[Tensor], then: list[nn.Module] = ()) -> float:
         """Mean NLL on ``batches`` of the model whose blocks ``0 .. stop-1`` are replaced by ``hidden`` (recorded
         activations, one tensor per batch) followed by the blocks ``then``: a trial that changes blocks from
         some point on is scored without running the blocks below it again."""

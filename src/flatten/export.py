@@ -44,10 +44,11 @@ def _arch(model: nn.Module):
     if not found:
         raise ValueError(f"architecture {arch.model_type!r} exports as llama.cpp's {arch.gguf.arch!r}, which the "
                          "installed gguf package does not know (upgrade gguf)")
-    if arch.gguf.rotary == "pairs" and any(path in parts for parts in arch.fusions.values()
+    if arch.gguf.rotary == "pairs" and any(path in parts for parts in arch.projections.fused.values()
                                            for path in (arch.q_proj, arch.k_proj)):
         raise ValueError(f"architecture {arch.model_type!r} fuses q_proj or k_proj, whose rows llama.cpp's "
                          f"{arch.gguf.arch!r} wants permuted: GGUF export permutes only unfused ones")
+    _check_layer_types(model.config, arch)
     local = _ropes(model.config).get("sliding_attention", {}).get("rope_type", "default")
     if local != "default":
         raise ValueError(f"GGUF export writes plain RoPE on sliding-window layers; the model's is {local!r}")
@@ -59,6 +60,28 @@ def _arch(model: nn.Module):
     if kind not in ("default", "longrope"):
         raise ValueError(f"GGUF export writes plain RoPE and longrope (Phi-3); the model's is {rope}")
     return arch, found[0]
+
+
+def _check_layer_types(config, arch) -> None:
+    """Refuse a model the fixed pattern of global and sliding-window layers of its llama.cpp counterpart
+    (``Gguf.global_every``) or that graph's attention scale would misdescribe."""
+    every = arch.gguf.global_every
+    if not every:
+        return
+    count = config.num_hidden_layers
+    pattern = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(count)]
+    types = list(getattr(config, "layer_types", None) or pattern)
+    if types != pattern:
+        moved = [i for i, (have, want) in enumerate(zip(types, pattern)) if have != want]
+        raise ValueError(f"llama.cpp's {arch.gguf.arch!r} (and transformers' GGUF loader) makes every {every}th layer "
+                         f"global attention and the rest sliding-window, and no GGUF key says otherwise; this model's "
+                         f"layer_types differ at blocks {', '.join(map(str, moved))} (removing blocks moves its global "
+                         "layers), so its GGUF would compute other attention. Save it as a checkpoint instead")
+    head_dim = arch.shape_of(config).head_dim
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if scalar != head_dim:
+        raise ValueError(f"llama.cpp's {arch.gguf.arch!r} scales attention by 1/sqrt(head_dim) = 1/sqrt({head_dim}); "
+                         f"this model's query_pre_attn_scalar is {scalar}")
 
 
 def _ropes(config) -> dict:

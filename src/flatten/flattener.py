@@ -167,7 +167,7 @@ class Flattener(Compressor):
 
     def similarity_matrix(self) -> Tensor:
         """Block-input similarity of the model as it is now (L x L)."""
-        inputs = self._capture()
+        inputs = self.capture_inputs()
         return input_similarity(list(self.arch.layers_of(self.model)), inputs.hidden, inputs.calls, self.measure,
                                 self.device, progress=self.progress)
 
@@ -190,7 +190,7 @@ class Flattener(Compressor):
         if not wanted or bad:
             raise ValueError(f"positions must be block indices 0..{count - 2} (a pair starts there), got "
                              f"{bad or 'none'}")
-        for i, hidden, calls in self._block_inputs(self.batches):
+        for i, hidden, calls in self.block_inputs(self.batches):
             if i in wanted:
                 merged, _, _ = self._build_merge(i, (i, i + 1), None, hidden, calls)
                 yield i, BlockPair(self.model, i).flatten(), merged
@@ -206,7 +206,7 @@ class Flattener(Compressor):
         self._choices = plan.method.setdefault("merge_choices", []) if self.one_block_fallback else []
         dense_rows = {(r.start, r.stop): r for r in (slice(0, self.calibration.shape[0]), state.fit_rows())}
         self._activations = Activations(self.arch.layers_of(self.model), self.calibration, self.batch_size,
-                                        self._capture, self._run, self.watch,
+                                        self.capture_inputs, self.run_layer, self.watch,
                                         list(dense_rows.values()) if self.fit_to == "dense" else [])
         for merge in plan.resume(self.checkpoint) if self.checkpoint is not None else []:  # replayed, not recomputed
             with self.watch("replaying the checkpoint"):
@@ -316,7 +316,7 @@ class Flattener(Compressor):
         judge = self.one_block_fallback
         if judge == "loss":  # the model's loss on the first batch with a candidate in place of the pair
             def judge(candidate: nn.Module) -> float:
-                return self._loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
+                return self.loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
         with self.watch("one-block fallback"):
             return one_block_fallback(pair, block, merge, judge, hidden, calls, first, pair_targets, weights,
                                       self.device)

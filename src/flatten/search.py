@@ -55,8 +55,8 @@ class Search:
         f = self.flattener
         influence = torch.zeros(len(self.spans), dtype=torch.float64)
         with f.watch("block influence"):
-            for i, hidden, calls in f._block_inputs(self.search_batches()):
-                influence[i] = block_influence(hidden, f._run(f.arch.layers_of(f.model)[i], hidden, calls,
+            for i, hidden, calls in f.block_inputs(self.search_batches()):
+                influence[i] = block_influence(hidden, f.run_layer(f.arch.layers_of(f.model)[i], hidden, calls,
                                                               name=f"block {i}"))
         return influence
 
@@ -76,12 +76,12 @@ class Search:
         search = self.search_batches()
         last = max(pairs[s][0] if s.kind != "drop" else s.position for s in steps)
         with f.watch("trial losses"):
-            for i, hidden, _ in f._block_inputs(search):
+            for i, hidden, _ in f.block_inputs(search):
                 for step in steps:
                     if step.kind == "drop" and step.position == i:  # block i's input goes straight to block i + 1
-                        losses[step] = f._loss_from(hidden, i + 1, search)
+                        losses[step] = f.loss_from(hidden, i + 1, search)
                     elif step.kind != "drop" and pairs[step][0] == i:
-                        losses[step] = f._loss_from(hidden, i + step.count, search, then=[self.built[step][0]])
+                        losses[step] = f.loss_from(hidden, i + step.count, search, then=[self.built[step][0]])
                 if i >= last:
                     break
         self.plan.method.setdefault("search", []).append(

@@ -153,7 +153,7 @@ def _with_mlp_of(block: nn.Module, other: nn.Module, arch: Architecture) -> nn.M
     """A copy of ``block`` with ``other``'s MLP and the norms around it."""
     mixed = copy.deepcopy(block)
     with torch.no_grad():
-        for path in (arch.mlp_norm, arch.mlp_post_norm) + arch.modules(arch.mlp_readers + (arch.down_proj,)):
+        for path in (arch.mlp_norm, arch.mlp_post_norm) + arch.projections.modules(arch.mlp_readers + (arch.down_proj,)):
             if path is not None:
                 for name, tensor in mixed.get_submodule(path).named_parameters():
                     tensor.copy_(other.get_submodule(path).get_parameter(name))

@@ -23,7 +23,7 @@ def build_block(template: nn.Module, arch: Architecture, config, shape: BlockSha
     block_config = config if shape == arch.shape_of(config) else arch.config_with_shape(config, shape)
     with torch.device("meta"):
         block = type(template)(block_config, layer_idx)
-    block.load_state_dict(arch.fuse_state(state), strict=True, assign=True)
+    block.load_state_dict(arch.projections.fuse(state), strict=True, assign=True)
     left = [name for name, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{type(template).__name__} has state the kernel does not set: {left}")
@@ -34,7 +34,7 @@ def _state(block: nn.Module, arch: Architecture, device: torch.device | None = N
     """The block's tensors by name (offloaded ones loaded), all on ``device`` (default: where the block computes),
     each fused weight split into its virtual projections' (``Architecture.fused``), failing on any tensor the
     architecture description does not cover."""
-    state = arch.split_state(weights_of(block, device))
+    state = arch.projections.split(weights_of(block, device))
     covered = {f"{path}.{kind}" for path in arch.norms + arch.attn_readers + arch.mlp_readers + arch.writers
                for kind in ("weight", "bias")}
     unknown = sorted(set(state) - covered)
