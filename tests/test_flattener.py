@@ -268,7 +268,7 @@ def test_pruning_only_one_half_leaves_the_other_wide(half):
     _, full = Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 2)]), progress=False).compress()
     if half == "attention":
         assert plan.merges[0].keep_groups == full.merges[0].keep_groups
-    with pytest.raises(ValueError, match="prune must be True, False, 'attention' or 'mlp', got 'heads'"):
+    with pytest.raises(ValueError, match="prune must be one of True, False, 'attention', 'mlp', got 'heads'"):
         Flattener(tiny_model(spec), calibration, prune="heads")
 
 
@@ -511,5 +511,5 @@ def test_without_the_fallback_the_pruned_merge_is_kept():
         Flattener(model, _calibration(), one_block_fallback="yes")
     with pytest.raises(ValueError, match="already chooses each merge by the loss"):
         Flattener(model, _calibration(), policy="trial-loss", one_block_fallback="loss")
-    with pytest.raises(ValueError, match="token_weighting must be one of none, input-rms, got 'rms'"):
+    with pytest.raises(ValueError, match="token_weighting must be one of 'none', 'input-rms', got 'rms'"):
         Flattener(model, _calibration(), token_weighting="rms")

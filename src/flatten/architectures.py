@@ -172,6 +172,12 @@ class Architecture:
                                                            (self.mlp_norm, self.mlp_readers)) if norm is not None)
 
     @property
+    def mlp_input(self) -> str:
+        """The module whose input is the MLP sub-layer's (the residual stream): the norm before the MLP, or the
+        MLP itself where there is none."""
+        return self.mlp_norm if self.mlp_norm is not None else self.gate_proj.rsplit(".", 1)[0]
+
+    @property
     def norms(self) -> tuple[str, ...]:
         """Every norm of the block: before and after the sub-layers, on the queries and keys."""
         return tuple(path for path in (self.attn_norm, self.mlp_norm, self.attn_post_norm, self.mlp_post_norm,

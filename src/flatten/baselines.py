@@ -577,10 +577,9 @@ class ReplaceMe(_ContiguousCut):
         residual: list[Tensor] = []  # and its residual stream r, where the MLP reads it
         block = layers[first - 1]
         post = self.arch.mlp_post_norm if self.arch.refit_approximation else None
-        reads = self.arch.mlp_norm if self.arch.mlp_norm is not None else self.arch.down_proj.rsplit(".", 1)[0]
         hooks = [block.get_submodule(self.arch.down_proj).register_forward_hook(
                      lambda module, args, out: mlp_out.append(out.detach())),
-                 block.get_submodule(reads).register_forward_pre_hook(
+                 block.get_submodule(self.arch.mlp_input).register_forward_pre_hook(
                      lambda module, args: residual.append(args[0].detach()))]
         try:
             outputs = self.run_layer(block, hidden, inputs.calls[first - 1], name=f"block {first - 1}")

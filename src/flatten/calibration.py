@@ -294,12 +294,8 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         if cross is not None:
             target = _at_least_float32(token_rows(targets[residual[1]].to(psi.device)))
             change = target - _at_least_float32(token_rows(residual[0]))
-            if gain is not None:  # through the norm after down_proj: the best direction, at z's own scale
-                z = product32(raw, down.T)
-                if bias is not None:
-                    z = z + bias.to(z)
-                change = (post_norm_direction(change, gain.to(change.device))
-                          * z.double().square().mean(-1, keepdim=True).sqrt()).to(change.dtype)
+            if gain is not None:
+                change = _through_post_norm(change, raw, down, bias, gain)
             if bias is not None:  # the MLP adds down_proj's bias: the refit fits the rest
                 change = change - bias.to(change)
             if token_weights is not None:
@@ -309,9 +305,7 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
         tokens += psi.shape[0]
         raise _Stop
 
-    # the MLP's input (the residual stream u'): the norm before the MLP reads it, or the MLP itself where none does
-    reads = arch.mlp_norm if arch.mlp_norm is not None else arch.gate_proj.rsplit(".", 1)[0]
-    handle = half.get_submodule(reads).register_forward_pre_hook(norm_hook)
+    handle = half.get_submodule(arch.mlp_input).register_forward_pre_hook(norm_hook)
     try:
         _run_until_stopped(half, arch.down_proj, down_hook, hidden, calls)
     finally:
@@ -319,6 +313,16 @@ def mlp_stats(half: nn.Module, arch: Architecture, shape: BlockShape, hidden: li
     weights = {key: arch.projections.of(half, path)[0].detach()  # a fused projection's slices (Phi-3)
                for key, path in (("gate", arch.gate_proj), ("up", arch.up_proj), ("down", arch.down_proj))}
     return MlpStats(shape, weights, symmetric(gram), cross, tokens, float(energy) if cross is not None else None)
+
+
+def _through_post_norm(change: Tensor, psi: Tensor, down: Tensor, bias: Tensor | None, gain: Tensor) -> Tensor:
+    """What ``down_proj`` should output where a norm follows it and ``change`` is wanted after that norm: the
+    best direction (``post_norm_direction``) at the RMS of ``down_proj``'s own output on ``psi``."""
+    z = product32(psi, down.T)
+    if bias is not None:
+        z = z + bias.to(z)
+    return (post_norm_direction(change, gain.to(change.device))
+            * z.double().square().mean(-1, keepdim=True).sqrt()).to(change.dtype)
 
 
 def post_norm_direction(change: Tensor, gain: Tensor, iterations: int = 64) -> Tensor:
@@ -355,9 +359,8 @@ def refit_error(refitted: nn.Module, kept: nn.Module, arch: Architecture, hidden
     device = next(refitted.parameters()).device
     post = refitted.get_submodule(arch.mlp_post_norm)
     gain = arch.norm_scale(post.weight.detach().double())
-    reads = arch.mlp_norm if arch.mlp_norm is not None else arch.gate_proj.rsplit(".", 1)[0]
     seen: list[Tensor] = []
-    handle = refitted.get_submodule(reads).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    handle = refitted.get_submodule(arch.mlp_input).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         outputs = run_block(refitted, [x.to(device) for x in hidden], calls, "refitted block")
     finally:

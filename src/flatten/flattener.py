@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from flatten.activations import Activations
 from flatten.calibration import input_similarity
+from flatten.checks import check_choice
 from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.policies import (
     SIMILARITIES,
@@ -125,22 +126,13 @@ class Flattener(Compressor):
         if self.arch.mlp_inexact:  # every step flattens two blocks and refits down_proj: refused before any work
             raise ValueError(self.arch.refusal(f"{self.name} (its steps flatten two blocks and refit a down_proj)",
                                                self.arch.merge_refusal))
-        if one_block_fallback not in FALLBACKS:
-            raise ValueError(f"one_block_fallback must be one of {', '.join(map(repr, FALLBACKS))}, "
-                             f"got {one_block_fallback!r}")
-        if token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {token_weighting!r}")
-        if prune not in (True, False, "attention", "mlp"):
-            raise ValueError(f"prune must be True, False, 'attention' or 'mlp', got {prune!r}")
+        check_choice("one_block_fallback", one_block_fallback, FALLBACKS)
+        check_choice("prune", prune, (True, False, "attention", "mlp"))
         self.prune = prune if isinstance(prune, str) else bool(prune)
         self.one_block_fallback = {False: False, True: "reconstruction"}.get(one_block_fallback, one_block_fallback)
-        self.token_weighting = token_weighting
-        if fit_to not in FIT_TARGETS:
-            raise ValueError(f"fit_to must be one of {', '.join(map(repr, FIT_TARGETS))}, got {fit_to!r}")
-        self.fit_to = fit_to
-        if select not in SELECTIONS:
-            raise ValueError(f"select must be one of {', '.join(map(repr, SELECTIONS))}, got {select!r}")
-        self.select = select
+        self.token_weighting = check_choice("token_weighting", token_weighting, TOKEN_WEIGHTINGS)
+        self.fit_to = check_choice("fit_to", fit_to, FIT_TARGETS)
+        self.select = check_choice("select", select, SELECTIONS)
         if checkpoint is not None and self.prune is not True:
             raise ValueError(f"wide blocks (prune={self.prune!r}) cannot be replayed from a plan: no checkpoint")
         if one_block_fallback and self.prune is not True:
