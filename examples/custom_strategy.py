@@ -49,10 +49,10 @@ class RelativeUpdate(Baseline):
     @torch.no_grad()
     def compress(self, remove=None, ratio=None):
         k, start = self.blocks_to_remove(remove, ratio), time.perf_counter()
-        inputs = self._capture()
+        inputs = self.capture_inputs()
         hidden, updates = inputs.hidden, []
         for i, layer in enumerate(self.arch.layers_of(self.model)):
-            out = self._run(layer, hidden, inputs.calls[i], name=f"block {i}")
+            out = self.run_layer(layer, hidden, inputs.calls[i], name=f"block {i}")
             rows = [(y - x)[:, -1:] if self.tokens == "last" else y - x for x, y in zip(hidden, out)]
             scale = [x[:, -1:] if self.tokens == "last" else x for x in hidden]
             updates.append(float(torch.cat([(r.norm(dim=-1) / s.norm(dim=-1)).flatten() for r, s in zip(rows, scale)])
