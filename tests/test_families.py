@@ -12,7 +12,8 @@ from flatten import (STRATEGIES, BlockPair, architecture_for, fold_norms, get_st
                      verify_architecture)
 from flatten.architectures import DROPS, MERGES, REFITS
 from flatten.merge import prune_block, select_block
-from tiny import BlockRunner, TinySpec, random_hidden, tiny_model, tolerance
+from tiny import (CALIBRATION, STRATEGY_OPTIONS, BlockRunner, TinySpec, assert_same_block, greedy, random_hidden,
+                  tiny_model, tolerance)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -32,18 +33,11 @@ REFUSED = {  # strategy -> what its refusal says
     "olmo2": {name: OLMO2_MERGE for name in MERGES},  # its refits run approximately (tests/test_gemma3.py)
     "llama3": {},
 }
-OPTIONS = {"laco": {"collapse": 2}}  # its default collapses 4 blocks at a time: too many for 6
-CALIBRATION = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _model(family: str):
     spec, overrides = FAMILIES[family]
     return tiny_model(spec, **overrides)
-
-
-def _greedy(model, ids, use_cache):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
 
 
 def test_every_registered_strategy_is_known_to_the_refusals():
@@ -65,12 +59,13 @@ def test_a_strategy_compresses_into_a_stock_checkpoint_or_says_why_not(family, s
     compressor = get_strategy(strategy)
     if strategy in REFUSED[family]:
         with pytest.raises(ValueError, match=REFUSED[family][strategy]) as refusal:
-            compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+            compressor(model, CALIBRATION, progress=False, **STRATEGY_OPTIONS.get(strategy, {})).compress(remove=2)
         assert "Strategies that run on" in str(refusal.value)
         if family == "olmo2":
             assert refusal.match(OLMO2_RUNS)
         return
-    compressed, record = compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+    options = STRATEGY_OPTIONS.get(strategy, {})
+    compressed, record = compressor(model, CALIBRATION, progress=False, **options).compress(remove=2)
     assert compressed is model and record.method
     layers = model.model.layers
     assert len(layers) == model.config.num_hidden_layers <= spec.num_layers - (strategy not in ("blockpruner", "prune-only"))
@@ -84,19 +79,8 @@ def test_a_strategy_compresses_into_a_stock_checkpoint_or_says_why_not(family, s
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
-    assert torch.equal(_greedy(reloaded, ids, True), _greedy(reloaded, ids, False))
-    assert torch.equal(_greedy(model, ids, True), _greedy(reloaded, ids, True))
-
-
-def _state(block):
-    return {name: t.detach().clone() for name, t in block.state_dict().items()}
-
-
-def _assert_same_block(got, want, *, but=()):
-    a, b = _state(got), _state(want)
-    assert a.keys() == b.keys()
-    for key in a.keys() - set(but):
-        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(greedy(reloaded, ids, True), greedy(reloaded, ids, False))
+    assert torch.equal(greedy(model, ids, True), greedy(reloaded, ids, True))
 
 
 def _with_mlp_of(block, other, arch):
@@ -127,12 +111,12 @@ def test_keeping_one_block_whole_from_a_wide_block_gives_that_block_exactly(fami
         for groups, channels, want in ((range(g), range(f), first), (range(g, 2 * g), range(f, 2 * f), second),
                                        (range(g), range(f, 2 * f), _with_mlp_of(first, second, arch))):
             kept = prune_block(wide, arch, config, 2, groups, channels)
-            _assert_same_block(kept, _folded(want, arch, config))
+            assert_same_block(kept, _folded(want, arch, config))
             torch.testing.assert_close(run.block(kept, x), run.block(want, x), **tolerance(spec.dtype))
     if family == "qwen3":  # no norm after down_proj: the absorb's refit stands
         down = torch.randn(spec.hidden_size, f, dtype=spec.dtype)
         absorbed = prune_block(wide, arch, config, 2, range(g), range(f), down_proj=down)
-        _assert_same_block(absorbed, _folded(first, arch, config), but=["mlp.down_proj.weight"])
+        assert_same_block(absorbed, _folded(first, arch, config), but=["mlp.down_proj.weight"])
         assert torch.equal(absorbed.mlp.down_proj.weight, down)
 
 
@@ -211,7 +195,7 @@ def test_olmo2_blocks_do_not_flatten_exactly_and_a_merge_is_refused():
     down = torch.zeros(spec.hidden_size, f, dtype=spec.dtype)
     for source in (wide, first):
         refitted = prune_block(source, arch, model.config, 0, range(g), range(f), down_proj=down)
-        _assert_same_block(refitted, _folded(first, arch, model.config), but=["mlp.down_proj.weight"])
+        assert_same_block(refitted, _folded(first, arch, model.config), but=["mlp.down_proj.weight"])
 
 
 def test_olmo2_refits_run_approximately_and_record_their_error():

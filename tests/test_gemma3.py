@@ -11,6 +11,7 @@ import importlib.util
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
+from tiny import CALIBRATION, STRATEGY_OPTIONS, assert_same_block, greedy
 
 from flatten import (STRATEGIES, BlockPair, architecture_for, fold_norms, get_strategy, save_checkpoint,
                      verify_architecture)
@@ -20,11 +21,9 @@ from flatten.merge import prune_block, select_block
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 TYPES = [SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]
-CALIBRATION = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))
 RUNS = (r"Strategies that run on 'gemma3_text': shortgpt, sleb, angular, blockpruner, laco, cut-absorb \(approximate "
         r"refit\), replaceme \(approximate refit\), prune-only \(approximate refit\)$")
 MERGE_REFUSAL = r"post_attention_layernorm normalises the attention's output after o_proj.*" + RUNS
-OPTIONS = {"laco": {"collapse": 2}}  # its default collapses 4 blocks at a time: too many for 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # Gemma3RMSNorm computes in float32 even in a float64 model
 
 
@@ -60,22 +59,6 @@ def _inputs(model, ids=CALIBRATION[:4]):
     for block, call in zip(arch.layers_of(model), calls):
         hidden.append(run_block(block, hidden[-1][-1:], [call]))
     return [h[0] for h in hidden], calls
-
-
-def _state(block):
-    return {name: t.detach().clone() for name, t in block.state_dict().items()}
-
-
-def _assert_same_block(got, want, *, but=()):
-    a, b = _state(got), _state(want)
-    assert a.keys() == b.keys()
-    for key in a.keys() - set(but):
-        assert torch.equal(a[key], b[key]), key
-
-
-def _greedy(model, ids, use_cache):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
 
 
 def test_the_registration_states_gemmas_block():
@@ -126,13 +109,13 @@ def test_one_block_kept_whole_from_a_wide_block_is_that_block_exactly():
     for groups, channels, want in ((range(g), range(f), first), (range(g, 2 * g), range(f, 2 * f), second),
                                    (range(g), range(f, 2 * f), mixed)):
         kept = prune_block(wide, arch, config, 2, groups, channels)
-        _assert_same_block(kept, fold_norms(want, arch, config, 2))
+        assert_same_block(kept, fold_norms(want, arch, config, 2))
         torch.testing.assert_close(run_block(kept, [hidden[2]], [calls[2]])[0],
                                    run_block(want, [hidden[2]], [calls[2]])[0], **TOL)
     # an absorb's refit down_proj: the kept block's norms, its attention and channels as they were
     down = torch.randn(16, f, dtype=torch.float64)
     absorbed = prune_block(wide, arch, config, 2, range(g, 2 * g), range(f, 2 * f), down_proj=down)
-    _assert_same_block(absorbed, fold_norms(second, arch, config, 2), but=["mlp.down_proj.weight"])
+    assert_same_block(absorbed, fold_norms(second, arch, config, 2), but=["mlp.down_proj.weight"])
     assert torch.equal(absorbed.mlp.down_proj.weight, down)
 
 
@@ -193,9 +176,10 @@ def test_a_strategy_compresses_into_a_stock_checkpoint_or_says_why_not(strategy,
     compressor = get_strategy(strategy)
     if strategy in MERGES:
         with pytest.raises(ValueError, match=MERGE_REFUSAL):
-            compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+            compressor(model, CALIBRATION, progress=False, **STRATEGY_OPTIONS.get(strategy, {})).compress(remove=2)
         return
-    compressed, record = compressor(model, CALIBRATION, progress=False, **OPTIONS.get(strategy, {})).compress(remove=2)
+    options = STRATEGY_OPTIONS.get(strategy, {})
+    compressed, record = compressor(model, CALIBRATION, progress=False, **options).compress(remove=2)
     assert compressed is model and record.method
     layers = model.model.layers
     removed = ({i for spans in record.removed_blocks().values() for a, b in spans for i in range(a, b + 1)}
@@ -212,8 +196,8 @@ def test_a_strategy_compresses_into_a_stock_checkpoint_or_says_why_not(strategy,
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))  # longer than the window
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
-    assert torch.equal(_greedy(reloaded, ids, True), _greedy(reloaded, ids, False))
-    assert torch.equal(_greedy(model, ids, True), _greedy(reloaded, ids, True))
+    assert torch.equal(greedy(reloaded, ids, True, new_tokens=8), greedy(reloaded, ids, False, new_tokens=8))
+    assert torch.equal(greedy(model, ids, True, new_tokens=8), greedy(reloaded, ids, True, new_tokens=8))
 
 
 def _unexplained(outputs, hidden, targets):
@@ -320,7 +304,7 @@ def test_the_real_gemma3_270m_compresses_by_default_reloads_stock_and_generates(
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    cached, uncached = _greedy(reloaded, ids, True), _greedy(reloaded, ids, False)
+    cached, uncached = greedy(reloaded, ids, True, new_tokens=8), greedy(reloaded, ids, False, new_tokens=8)
     assert torch.equal(cached, uncached) and cached.shape[1] > ids.shape[1]
     assert tokenizer.decode(cached[0, ids.shape[1]:], skip_special_tokens=True).strip()
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import BlockRunner, TinySpec, random_hidden, tiny_model, tiny_specs, tolerance
+from tiny import (CALIBRATION, STRATEGY_OPTIONS, BlockRunner, TinySpec, greedy, random_hidden, tiny_model, tiny_specs,
+                  tolerance)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flatten import (
@@ -41,18 +42,11 @@ FAMILIES = {
     "phi3": (TinySpec("phi3", 4, 2, 2, 4, 20, num_layers=6), {}),
     "phi3-longrope": (TinySpec("phi3", 8, 2, 2, 8, 20, num_layers=6), longrope(8)),
 }
-OPTIONS = {"laco": {"collapse": 2}}  # its default collapses 4 blocks at a time: too many for 6
-CALIBRATION = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _model(family: str):
     spec, overrides = FAMILIES[family]
     return tiny_model(spec, **overrides)
-
-
-def _greedy(model, ids, use_cache):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
 
 
 def test_the_fusion_is_stated_as_data():
@@ -172,7 +166,7 @@ def test_every_strategy_compresses_phi3_into_a_stock_checkpoint(family, strategy
     spec, _ = FAMILIES[family]
     model = _model(family)
     compressed, record = get_strategy(strategy)(model, CALIBRATION, progress=False,
-                                                **OPTIONS.get(strategy, {})).compress(remove=2)
+                                                **STRATEGY_OPTIONS.get(strategy, {})).compress(remove=2)
     assert compressed is model and record.method
     layers = model.model.layers
     assert len(layers) == model.config.num_hidden_layers <= spec.num_layers - (strategy not in ("blockpruner", "prune-only"))
@@ -189,8 +183,8 @@ def test_every_strategy_compresses_phi3_into_a_stock_checkpoint(family, strategy
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
-    assert torch.equal(_greedy(reloaded, ids, True), _greedy(reloaded, ids, False))
-    assert torch.equal(_greedy(model, ids, True), _greedy(reloaded, ids, True))
+    assert torch.equal(greedy(reloaded, ids, True), greedy(reloaded, ids, False))
+    assert torch.equal(greedy(model, ids, True), greedy(reloaded, ids, True))
 
 
 @pytest.mark.parametrize("fused, refused", [

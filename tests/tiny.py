@@ -146,3 +146,25 @@ def tolerance(dtype: torch.dtype, model_type: str | None = None) -> dict:
     if model_type in FLOAT32_NORMS:
         return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
     return {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+
+
+CALIBRATION = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))  # the tiny models' vocabulary
+STRATEGY_OPTIONS = {"laco": {"collapse": 2}}  # LaCo's default collapses 4 blocks at a time: too many for 6
+
+
+def greedy(model, ids, use_cache: bool, new_tokens: int = 6):
+    """``new_tokens`` greedily generated after ``ids``, with or without the KV cache."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          use_cache=use_cache, pad_token_id=0)
+
+
+def assert_same_block(got, want, *, but=()):
+    """``got`` holds exactly ``want``'s tensors, names and values, except those named in ``but``."""
+    a, b = (_state(block) for block in (got, want))
+    assert a.keys() == b.keys()
+    for key in a.keys() - set(but):
+        assert torch.equal(a[key], b[key]), key
+
+
+def _state(block):
+    return {name: t.detach().clone() for name, t in block.state_dict().items()}
