@@ -1,6 +1,6 @@
 """One merge as a recipe any code can call: flatten a pair (or a longer run of blocks), let a scorer choose and
-compensate, prune back (docs/method.md sections 2-4). The ``Flattener`` schedules merges; this is what each one does. The ablations
-at the end take the same steps and stop early."""
+compensate, prune back (docs/method.md sections 2-4). The ``Flattener`` schedules merges; this is what each one
+does. The ablations at the end take the same steps and stop early."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge
 
 
+def block_index(keep: str | int) -> int:
+    """The index in a run of the block ``keep`` names: ``"first"`` (0), ``"second"`` (1), or an index."""
+    return {"first": 0, "second": 1}.get(keep, keep)
+
+
 def side(keep: str | int, count: int) -> Tensor:
-    """The indices of one block's ``count`` groups or channels in a wide block: the ``"first"``, the
-    ``"second"``, or block ``keep`` (from 0)."""
-    offset = {"first": 0, "second": 1}.get(keep, keep)
+    """The indices of block ``keep``'s ``count`` groups or channels in a wide block (``block_index``)."""
+    offset = block_index(keep)
     return torch.arange(offset * count, (offset + 1) * count)
 
 
@@ -152,7 +156,7 @@ def merge_pair(pair: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], call
         block = pair.prune(wide, merge.keep_groups, merge.keep_channels, merge.o_proj, merge.down_proj)
     if approximate and merge.down_proj is not None:  # never silent: the refit's error, measured, in the record
         with recipe.watch("refit error"):
-            kept = pair.blocks[{"first": 0, "second": 1}.get(keep, keep)]
+            kept = pair.blocks[block_index(keep)]
             merge.selection = {"refit": refit_error(block, kept, recipe.arch, hidden, calls, targets)}
     return block.to(recipe.home), merge
 
