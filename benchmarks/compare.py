@@ -31,7 +31,6 @@ import json
 import re
 import shlex
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -39,10 +38,11 @@ import torch
 
 from flatten import count_parameters, save_checkpoint
 from flatten.data import (CORPORA, MIXES, TEST_TEXTS, VALIDATION_TEXTS, calibration_description, calibration_domains,
-                          calibration_tokens, token_sha256)
+                          token_sha256)
 from flatten.files import write_atomically
-from flatten.measure import PeakMemory, machine
+from flatten.measure import machine
 from flatten.options import Method, load_plugins
+from flatten.pipeline import Calibration, compress_timed
 from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 from harness import code_version, forward_seconds, setup
 from render_results import render_table
@@ -170,8 +170,7 @@ def main() -> None:
     model = run.model.to(args.device, getattr(torch, args.dtype))
     calibrations = {sources[0]: run.calibration}
     for source in sources[1:]:
-        calibrations[source] = calibration_tokens(run.tokenizer, source, samples=args.samples, seq_len=args.seq_len,
-                                                  seed=SEED)
+        calibrations[source], _ = Calibration(source, args.samples, args.seq_len, SEED).tokens(run.tokenizer)
     layers = model.config.num_hidden_layers
     forward = forward_seconds(model, run.calibration, batch_size=4)
     result = {
@@ -214,11 +213,8 @@ def main() -> None:
     for source, calibration in calibrations.items():
         for k in removals:
             for method, samples, text in methods:
-                work = copy.deepcopy(model)
-                with PeakMemory() as memory:
-                    start = time.perf_counter()
-                    work, record = method.build(work, calibration[:samples]).compress(remove=k)
-                    seconds = time.perf_counter() - start
+                done = compress_timed(method.build(copy.deepcopy(model), calibration[:samples]), k)
+                work, record, seconds = done.model, done.decisions, done.seconds
                 if args.save and method.arguments().get("prune", True) is True:  # wide blocks: no stock checkpoint
                     label = text.replace(":", "_").replace("=", "-")
                     folder = Path(args.save) / f"{source}_{label}_remove{k}"
@@ -228,7 +224,7 @@ def main() -> None:
                 measure(work, method=text, calibration=source, remove=k, calibration_samples=samples,
                         parameters=record.method.get("parameters_effective", count_parameters(work)),
                         compress_seconds=seconds, compress_forward_ratio=seconds / scaled,
-                        peak_memory_bytes=memory.peak_bytes, cuda_peak_bytes=memory.cuda_peak_bytes,
+                        peak_memory_bytes=done.peak_memory_bytes, cuda_peak_bytes=done.cuda_peak_bytes,
                         what=record.describe(), record=record.method)
                 del work
 

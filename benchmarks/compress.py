@@ -13,12 +13,12 @@ import argparse
 import copy
 import subprocess
 import sys
-import time
 from datetime import date
 
 from flatten import Flattener, count_parameters, save_checkpoint
 from flatten.criteria import POLICIES, SCORERS, FixedSpans
-from flatten.measure import PeakMemory, machine
+from flatten.measure import machine
+from flatten.pipeline import compress_timed
 from harness import publish, setup
 
 GIB = 2**30
@@ -61,14 +61,12 @@ def main() -> None:
     for scorer, policy_name, similarity in configs:
         work = copy.deepcopy(model) if len(configs) > 1 else model
         policy = FixedSpans(upper_pairs(layers, args.remove)) if policy_name == "fixed" else policy_name
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            compressed, plan = Flattener(work, calibration, scorer=scorer, policy=policy,
-                                         similarity=similarity).compress(remove=args.remove)
-            seconds = time.perf_counter() - start
+        done = compress_timed(Flattener(work, calibration, scorer=scorer, policy=policy, similarity=similarity),
+                              args.remove)
+        compressed, plan, seconds = done.model, done.decisions, done.seconds
         spans = " ".join(f"{a}-{c}" for a, c in plan.spans)
         rows.append((scorer, policy_name, similarity, len(compressed.model.layers), count_parameters(compressed),
-                     ppl(compressed), seconds, memory.peak_bytes, spans))
+                     ppl(compressed), seconds, done.peak_memory_bytes, spans))
         print(rows[-1], flush=True)
         if args.save and (scorer, policy_name, similarity) == configs[0]:
             save_checkpoint(compressed, args.save, tokenizer, overwrite=True)

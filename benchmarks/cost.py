@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from datetime import date
 
 from flatten import Flattener
-from flatten.measure import PeakMemory, machine, memory_budget
+from flatten.measure import machine, memory_budget
+from flatten.pipeline import compress_timed
 from harness import forward_seconds, publish, setup
 
 MIB = 2**20
@@ -49,15 +49,13 @@ def main() -> None:
         model = copy.deepcopy(dense)
         calib = calibration[:s]
         forward = forward_seconds(model, calib, args.batch_size)
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            _, plan = Flattener(model, calib, batch_size=args.batch_size, progress=False).compress(remove=k)
-            seconds = time.perf_counter() - start
+        done = compress_timed(Flattener(model, calib, batch_size=args.batch_size, progress=False), k)
+        plan, seconds = done.decisions, done.seconds
         budget = memory_budget(dense.config, s * args.seq_len, args.batch_size * args.seq_len,
                                next(dense.parameters()).element_size())
         phases = plan.method["seconds_by_phase"]
         top = sorted(phases, key=phases.get, reverse=True)[:3]
-        rows.append((s * args.seq_len, k, run.ppl(model), forward, seconds, (memory.peak_bytes - memory.baseline_bytes) / MIB,
+        rows.append((s * args.seq_len, k, run.ppl(model), forward, seconds, (done.peak_memory_bytes - done.baseline_memory_bytes) / MIB,
                      sum(budget.values()) / MIB, ", ".join(f"{p} {phases[p] / seconds:.0%}" for p in top)))
         print(rows[-1], flush=True)
         del model

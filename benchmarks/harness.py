@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from flatten import load_model, perplexity
-from flatten.data import CORPORA, calibration_description, calibration_tokens, evaluation_tokens, wikitext2_test_path
+from flatten import perplexity
+from flatten.data import CORPORA, calibration_description, evaluation_tokens, wikitext2_test_path
 from flatten.latency import synchronize
+from flatten.pipeline import Calibration, load
 
 
 @dataclass
@@ -46,8 +47,8 @@ def setup(model_name: str, samples: int, seq_len: int, windows: int, calibration
     """The model, ``samples`` x ``seq_len`` calibration tokens of ``calibration`` (a mix or corpus of
     ``flatten.data``, or a text file) and the first ``windows`` windows of each evaluation corpus."""
     torch.manual_seed(0)
-    model, tokenizer = load_model(model_name)
-    ids = calibration_tokens(tokenizer, calibration, samples=samples, seq_len=seq_len)
+    model, tokenizer = load(model_name)
+    ids, _ = Calibration(calibration, samples=samples, seq_len=seq_len).tokens(tokenizer)
     if "wikitext2" in evaluations and wikitext2_test_path() is None:
         sys.exit("needs the WikiText-2 test split at ../shared/data/wikitext-2-raw/wiki.test.raw")
     texts = {name: evaluation_tokens(tokenizer, name, windows * seq_len) for name in evaluations}

@@ -8,17 +8,13 @@ by ``flatten compress`` is a folder like any.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from flatten.checks import check_fraction
 from flatten.models import map_large_allocations
 
 # "auto": the checkpoint's stored dtype; a folder of safetensors then stays on disk, memory-mapped
@@ -282,54 +278,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(source: str, dtype: str, args=None):
-    from flatten.models import load_model
+    from flatten.pipeline import load
 
-    print(f"loading {source} ...", file=sys.stderr)
-    dispatch = {} if getattr(args, "device_map", None) is None else {
-        "device_map": args.device_map, "max_memory": _max_memory(args.max_memory), "offload_folder": args.offload_folder}
-    model, tokenizer = load_model(source, dtype=DTYPES[dtype], **dispatch)
-    if dispatch:
-        from flatten.architectures import architecture_for
-
-        blocks = f"{architecture_for(model).layers}."
-        places = Counter(str(v) for k, v in model.hf_device_map.items() if k.startswith(blocks))
-        print("device map: blocks " + ", ".join(f"{n} on {place}" for place, n in places.items()), file=sys.stderr)
-    return model, tokenizer
+    return load(source, DTYPES[dtype], _dispatch(args))
 
 
-def _requested_removals(args, compressor) -> int | None:
-    """``remove`` for ``compress`` from --remove / --ratio / --fraction (None: the strategy's options decide)."""
-    layers = len(compressor.arch.layers_of(compressor.model))
-    if args.remove is not None:
-        return args.remove
-    if args.ratio is not None:
-        return compressor.blocks_for_ratio(args.ratio)
-    if args.fraction is None and compressor.default_removals() is not None:
+def _dispatch(args):
+    from flatten.pipeline import Dispatch
+
+    if getattr(args, "device_map", None) is None:  # compress has --device-map, the other commands not
+        if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
+            raise ValueError("--max-memory and --offload-folder go with --device-map (e.g. --device-map auto)")
         return None
-    fraction = 0.2 if args.fraction is None else check_fraction("--fraction", args.fraction, "a fraction of the blocks")
-    return max(1, round(fraction * layers))
+    return Dispatch(args.device_map, _max_memory(args.max_memory), args.offload_folder)
 
 
-def _check_before_loading(args) -> None:
-    """What needs only numbers, a config or a text file is refused before the weights load."""
-    from flatten.data import CORPORA, MIXES, read_lines
-    from flatten.models import layer_count
+def _amount(args):
+    from flatten.pipeline import Amount
 
-    if args.ratio is not None:
-        check_fraction("--ratio", args.ratio, "a fraction of the parameters")
-    if args.fraction is not None:
-        check_fraction("--fraction", args.fraction, "a fraction of the blocks")
-    count = layer_count(args.model) if args.remove is not None else None
-    if args.remove is not None and (args.remove < 1 or count is not None and args.remove > count - 1):
-        raise ValueError(f"cannot remove {args.remove} of {count if count is not None else 'its'} blocks: --remove "
-                         f"must be from 1 to {count - 1 if count is not None else 'one fewer than it has'}")
-    device_map, max_memory, offload_folder = (getattr(args, name, None)  # compress has them, plan not
-                                              for name in ("device_map", "max_memory", "offload_folder"))
-    if (max_memory or offload_folder) and not device_map:
-        raise ValueError("--max-memory and --offload-folder go with --device-map (e.g. --device-map auto)")
-    _max_memory(max_memory)
-    if args.calib is not None and args.calib not in MIXES and args.calib not in CORPORA and not args.calib.startswith("hf:"):
-        read_lines(args.calib)  # a missing or empty text file
+    return Amount(remove=args.remove, ratio=args.ratio, fraction=args.fraction)
+
+
+def _calibration(args):
+    from flatten.pipeline import Calibration
+
+    return Calibration(source=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
 
 
 # the flags that set an option of --method: flag's dest -> option
@@ -351,31 +324,12 @@ def _method(args):
     return method
 
 
-def _calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
-    from flatten.data import calibration_description, calibration_tokens, token_sha256
+def _perplexity_texts(args):
+    """The ``--ppl`` texts (by default WikiText-2, or the held-out Wikipedia leads, and the fiction corpus)."""
+    from flatten.pipeline import PerplexityTexts
 
-    tokens = calibration_tokens(tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    about = {"source": calibration_description(args.calib), "samples": args.samples, "seq_len": args.seq_len,
-             "seed": args.seed, "sha256": token_sha256(tokens)}
-    return tokens, about
-
-
-def _perplexity_texts(args, tokenizer) -> list[tuple[torch.Tensor, str]]:
-    """Token ids and a description of each ``--ppl`` text (by default WikiText-2, or the held-out Wikipedia
-    leads, and the fiction corpus)."""
-    from flatten.data import evaluation_text, tokenize
-
-    sources = [None, "alice"] if args.ppl is None else args.ppl.split(",")
-    texts = []
-    for source in sources:
-        text, about = evaluation_text(source)
-        texts.append((tokenize(tokenizer, text, max_tokens=args.windows * args.ppl_len), about))
-    return texts
-
-
-def _perplexity_tokens(args, tokenizer) -> tuple[torch.Tensor, str]:
-    """The first ``--ppl`` text only."""
-    return _perplexity_texts(args, tokenizer)[0]
+    texts = (None, "alice") if args.ppl is None else tuple(args.ppl.split(","))
+    return PerplexityTexts(texts, windows=args.windows, seq_len=args.ppl_len)
 
 
 def _batches(text: str) -> list[int]:
@@ -405,56 +359,26 @@ def _default_out(source: str) -> Path:
 
 
 def run_compress(args) -> None:
-    from flatten.checkpoint import save_checkpoint
-    from flatten.measure import PeakMemory, machine
-    from flatten.models import count_parameters, resolve_device
-    from flatten.report import Results, RunRecord, command_line, versions, weights_sha256, write_report
+    from flatten.pipeline import CompressJob, Latency, check_output
 
-    out = _fresh_output(Path(args.out) if args.out else _default_out(args.model), args.overwrite)
-    gguf = args.gguf and _fresh_output(Path(args.gguf), args.overwrite)
-    method, batches, device = _method(args), _batches(args.batch), resolve_device(args.device)
-    _check_before_loading(args)
-    model, tokenizer = _load(args.model, args.dtype, args)
-    source_sha256 = weights_sha256(model)
-    calibration, calibration_about = _calibration(args, tokenizer)
-    compressor = method.build(model, calibration, batch_size=args.batch_size, device=device, progress=not args.quiet)
-    remove = _requested_removals(args, compressor)
-    compressor.blocks_to_remove(remove)  # validate before any expensive work
-    layers, params = model.config.num_hidden_layers, count_parameters(model)
-    texts = [] if args.no_eval else _perplexity_texts(args, tokenizer)
-    ppl_before = _perplexities(args, model, device, texts)
-    if (args.dtype == "auto" or args.device_map) and not args.no_latency:  # maybe larger than memory: no second copy
-        args.no_latency = True
-        print(f"latency skipped with {'--dtype auto' if args.dtype == 'auto' else '--device-map'} (it would keep a "
-              "copy of the original in memory); time the result against the original with: flatten bench OUT "
-              "--against MODEL", file=sys.stderr)
-    original = None if args.no_latency else copy.deepcopy(model)  # timed beside the result, runs interleaved
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        model, decisions = compressor.compress(remove=remove)
-        seconds = time.perf_counter() - start
-    ppl_after = _perplexities(args, model, device, texts)
-    latency, ratios = _latencies(args, model, original, device, batches)
-    record = RunRecord(
-        name=out.name, base_model=args.model, source_sha256=source_sha256, command=command_line(args.argv),
-        argv=args.argv, cwd=os.getcwd(), versions=versions(), machine=machine(), calibration=calibration_about,
-        strategy=compressor.title, what=decisions.describe(), method=decisions.method,
-        decisions=f"{type(decisions).__name__.lower()}.json",  # plan.json, removal.json
-        results=Results(layers=[layers, model.config.num_hidden_layers],
-                        parameters=[params, decisions.method.get("parameters_effective", count_parameters(model))],
-                        perplexity=[list(pair) for pair in zip(ppl_before, ppl_after)],
-                        latency=latency, latency_ratios=ratios,
-                        compression_seconds=seconds, peak_memory_gib=memory.peak_bytes / 2**30))
-    figures = []
-    save_checkpoint(model, out, tokenizer, overwrite=args.overwrite,
-                    extras=lambda folder: figures.extend(write_report(folder, record, decisions)))
-    _print_compressed(record, out, figures, decisions)
+    job = CompressJob(
+        model=args.model, method=_method(args), out=Path(args.out) if args.out else _default_out(args.model),
+        amount=_amount(args), calibration=_calibration(args), dtype=DTYPES[args.dtype], device=args.device,
+        dispatch=_dispatch(args), batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
+        argv=args.argv, texts=None if args.no_eval else _perplexity_texts(args),
+        latency=None if args.no_latency else Latency(_batches(args.batch), args.prompt, args.new_tokens, args.repeats))
+    gguf = args.gguf and check_output(Path(args.gguf), args.overwrite)
+    job.check()
+    report = job.run()
+    _print_compressed(report)
     if gguf:
-        _export(model, gguf, args)
+        _export(report.model, gguf, args)
 
 
 def run_export(args) -> None:
-    gguf = _fresh_output(Path(args.gguf), args.overwrite)
+    from flatten.pipeline import check_output
+
+    gguf = check_output(Path(args.gguf), args.overwrite)
     model, _ = _load(args.model, args.dtype)
     _export(model, gguf, args)
 
@@ -468,54 +392,10 @@ def _export(model, gguf: Path, args) -> None:
           f"{gguf.stat().st_size / 2**20:.1f} MiB")
 
 
-def _fresh_output(out: Path, overwrite: bool) -> Path:
-    """``out``, checked before any work: it may be written (replaced only with --overwrite)."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or write elsewhere")
-    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise FileExistsError(f"cannot write {out}: {blocking} is a file, not a folder")
-    return out
-
-
-def _perplexities(args, model, device, texts) -> list[dict]:
-    from flatten.evaluation import perplexity
-
-    from flatten.dispatch import is_dispatched
-
-    placed = is_dispatched(model)  # accelerate's hooks put its parts where they compute
-    if not placed:
-        model.to(device)
-    found = [perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about,
-                        progress=not args.quiet).as_dict() for ids, about in texts]
-    if not placed:
-        model.to("cpu")
-    return found
-
-
-def _latencies(args, model, original, device, batches) -> tuple[list[list[dict]], list[dict]]:
-    """``[before, after]`` latency per batch size and the after / before ratios with their spread, from runs of
-    the original and the result interleaved (none without ``original``)."""
-    from flatten.latency import latency_ratios
-
-    if original is None:
-        return [], []
-    pairs, ratios = [], []
-    model.to(device)
-    original.to(device)
-    for batch in batches:
-        after, before, prefill, decode = latency_ratios(model, original, batch=batch, prompt=args.prompt,
-                                                        new_tokens=args.new_tokens, repeats=args.repeats)
-        pairs.append([before.as_dict(), after.as_dict()])
-        ratios.append({"batch": batch, "prefill": prefill.as_dict(), "decode": decode.as_dict()})
-    model.to("cpu")
-    original.to("cpu")
-    return pairs, ratios
-
-
-def _print_compressed(record, out: Path, figures: list[str], decisions) -> None:
+def _print_compressed(report) -> None:
     from flatten.report import protocol_lines, results_table
 
+    record, out, figures, decisions = report.record, report.out, report.figures, report.decisions
     layers = record.results.layers
     print(f"\n{record.base_model}: {layers[0]} -> {layers[1]} blocks by {record.strategy}: {record.what}\n")
     print(results_table(record) + "\n")
@@ -530,12 +410,12 @@ def run_plan(args) -> None:
     from flatten.models import resolve_device
     from flatten.report import similarity_heatmap
 
-    device, method = resolve_device(args.device), _method(args)
-    _check_before_loading(args)
+    device, method, amount, calibration = resolve_device(args.device), _method(args), _amount(args), _calibration(args)
+    amount.check(args.model)
+    calibration.check()
     model, tokenizer = _load(args.model, args.dtype)
-    calibration, _ = _calibration(args, tokenizer)
-    flattener = method.build(model, calibration, batch_size=args.batch_size, device=device)
-    spans, similarity = flattener.plan_spans(remove=_requested_removals(args, flattener))
+    flattener = method.build(model, calibration.tokens(tokenizer)[0], batch_size=args.batch_size, device=device)
+    spans, similarity = flattener.plan_spans(remove=amount.blocks(flattener))
     merged = [(a, c) for a, c in spans if c > a]
     count = similarity.shape[0]
     print(f"\nblock-input similarity ({flattener.similarity_name}, x100) of {args.model}, {count} blocks:")
@@ -554,7 +434,7 @@ def run_plan(args) -> None:
 
 
 def run_eval(args) -> None:
-    from flatten.evaluation import perplexity
+    from flatten.evaluation import Perplexity
     from flatten.models import count_parameters, resolve_device
     from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 
@@ -569,11 +449,10 @@ def run_eval(args) -> None:
     result = {"model": args.model, "layers": model.config.num_hidden_layers, "parameters": count_parameters(model)}
     print(f"{args.model}: {result['layers']} layers, {result['parameters']:,} parameters")
     if not args.no_ppl:
-        result["perplexity"] = []
-        for ids, about in _perplexity_texts(args, tokenizer):
-            ppl = perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows, text=about, progress=True)
-            result["perplexity"].append(ppl.as_dict())
-            print(f"perplexity {ppl}")
+        protocol = _perplexity_texts(args)
+        result["perplexity"] = protocol.measure(model, protocol.tokens(tokenizer), device, progress=True)
+        for found in result["perplexity"]:
+            print(f"perplexity {Perplexity(**found)}")
     if tasks is not None:
         scores = zero_shot(model, tokenizer, tasks, limit=args.limit)
         result["zero_shot"] = scores.as_dict()
@@ -620,12 +499,12 @@ def run_recover(args) -> None:
 
     from flatten.checkpoint import save_checkpoint
     from flatten.data import calibration_budget, calibration_tokens, recovery_tokens, token_sha256
-    from flatten.evaluation import perplexity
+    from flatten.pipeline import check_output
     from flatten.recovery import recover
     from flatten.report import RUN_RECORD, RunRecord, command_line, versions, weights_sha256
 
     source = Path(args.model)
-    out = _fresh_output(Path(args.out) if args.out else (
+    out = check_output(Path(args.out) if args.out else (
         source.with_name(source.name + "-recovered") if source.is_dir()
         else Path("out") / f"{source.name.removesuffix('.gguf')}-recovered"), args.overwrite)
     base = RunRecord.load(source) if (source / RUN_RECORD).is_file() else RunRecord(out.name, args.model)
@@ -640,11 +519,12 @@ def run_recover(args) -> None:
         data = recovery_tokens(tokenizer, args.samples, args.seq_len, seed=args.seed, after=after)
         about = (f"Wikipedia lead sections after the first {after:,} tokens of the calibration split (those the "
                  f"calibration windows come from): {args.samples} windows of {args.seq_len} tokens, seed {args.seed}")
-    ids, text_about = (None, None) if args.no_eval else _perplexity_tokens(args, tokenizer)
+    protocol = _perplexity_texts(args)
+    first = [] if args.no_eval else protocol.tokens(tokenizer)[:1]  # the first --ppl text only
 
     def ppl():
-        return None if args.no_eval else perplexity(model, ids, seq_len=args.ppl_len, max_windows=args.windows,
-                                                    text=text_about, progress=not args.quiet).as_dict()
+        where = next(model.parameters()).device
+        return None if args.no_eval else protocol.measure(model, first, where, progress=not args.quiet)[0]
 
     before = ppl()
     model, recovery = recover(model, data, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
@@ -667,7 +547,7 @@ def run_recover(args) -> None:
           f"{recovery.trainable_parameters:,} trainable parameters) in {recovery.seconds:.1f} s; training loss "
           f"{recovery.losses[0]:.3f} -> {recovery.losses[-1]:.3f}")
     if before:
-        print(f"perplexity {before['value']:.2f} -> {after_ppl['value']:.2f} ({text_about})")
+        print(f"perplexity {before['value']:.2f} -> {after_ppl['value']:.2f} ({before['text']})")
     print(f"wrote {out}/: the checkpoint (adapters merged: loads with AutoModelForCausalLM.from_pretrained), "
           "flatten_run.json")
 
