@@ -14,7 +14,7 @@ import torch
 
 from flatten import load_model
 from flatten.data import calibration_tokens
-from flatten.measure import machine
+from flatten.evaluation.measure import machine
 
 
 def main() -> None:

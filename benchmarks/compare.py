@@ -4,7 +4,7 @@
         --methods cut-absorb,cut-merge,flattengpt,shortgpt,sleb:search_samples=4,replaceme,angular \
         --calib default,wikipedia --eval validation,test
 
-A method is a registered strategy with optional ``:key=value`` options, parsed by ``flatten.options`` as
+A method is a registered strategy with optional ``:key=value`` options, parsed by ``flatten.strategies.options`` as
 ``flatten compress --method`` parses them (``flatten compress --help`` lists every strategy's options), e.g.
 ``flattengpt:scorer=magnitude:policy=greedy-recompute``, ``flattengpt:ridge=0.1`` (to the scorer),
 ``cut-absorb:policy=fixed:policy.spans=9-10+13-14``. Here ``calibration=N`` also gives a method only the first N
@@ -39,11 +39,11 @@ import torch
 from flatten import count_parameters, save_checkpoint
 from flatten.data import (CORPORA, MIXES, TEST_TEXTS, VALIDATION_TEXTS, calibration_description, calibration_domains,
                           token_sha256)
+from flatten.evaluation.measure import machine
+from flatten.evaluation.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 from flatten.files import write_atomically
-from flatten.measure import machine
-from flatten.options import Method, load_plugins
-from flatten.pipeline import Calibration, compress_timed
-from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
+from flatten.run.pipeline import Calibration, compress_timed
+from flatten.strategies.options import Method, load_plugins
 from harness import code_version, forward_seconds, setup
 from render_results import render_table
 

@@ -17,8 +17,8 @@ from datetime import date
 
 from flatten import Flattener, count_parameters, save_checkpoint
 from flatten.criteria import POLICIES, SCORERS, FixedSpans
-from flatten.measure import machine
-from flatten.pipeline import compress_timed
+from flatten.evaluation.measure import machine
+from flatten.run.pipeline import compress_timed
 from harness import publish, setup
 
 GIB = 2**30

@@ -1,5 +1,5 @@
 """What compression costs: time as a multiple of one forward pass over the calibration set, and peak memory
-against the budget of the method (``flatten.measure.memory_budget``: one wide block, a few block boundaries'
+against the budget of the method (``flatten.evaluation.measure.memory_budget``: one wide block, a few block boundaries'
 activations, the statistics of one wide block and the workspace of its channel selection, every block's input
 for one batch). Rows vary the calibration size (at the largest number of blocks removed) and the number of
 blocks removed (at the largest calibration size); each row also gives the compressed model's WikiText-2
@@ -18,8 +18,8 @@ import sys
 from datetime import date
 
 from flatten import Flattener
-from flatten.measure import machine, memory_budget
-from flatten.pipeline import compress_timed
+from flatten.evaluation.measure import machine, memory_budget
+from flatten.run.pipeline import compress_timed
 from harness import forward_seconds, publish, setup
 
 MIB = 2**20
@@ -66,7 +66,7 @@ def main() -> None:
              run.protocol + " A row with fewer calibration samples uses the first ones of that set.", "",
              "Forward: one pass of the original model over the same calibration set (batches of "
              f"{args.batch_size}, best of two). Extra memory: peak resident memory during `compress` minus that "
-             "just before it (the model already loaded). Budget: `flatten.measure.memory_budget`, the sum of one "
+             "just before it (the model already loaded). Budget: `flatten.evaluation.measure.memory_budget`, the sum of one "
              "wide block, three block boundaries' activations, a wide block's statistics in float64 (attention "
              "and MLP Gram matrices, MLP cross term), the Cholesky factor and two 1,024-column blocks of channel "
              "selection, and every block's input for one batch (the similarity that plans the merges).", "",

@@ -13,13 +13,18 @@ import time
 from flatten import build_strategy, calibration_tokens, load_model
 from flatten.files import tensors_sha256
 
-RECIPES = {  # as ``flatten compress --method`` and compare.py take them (flatten.options)
+RECIPES = {  # as ``flatten compress --method`` and compare.py take them (flatten.strategies.options)
     "cut (the default)": "cut-absorb",
     "greedy": "cut-absorb:policy=greedy:policy.keep_last=1",
     "greedy, paper scorer": "cut-absorb:policy=greedy:policy.keep_last=1:scorer=flattengpt",
     "greedy, one-block fallback": "cut-absorb:policy=greedy:policy.keep_last=1:one_block_fallback=true",
     "greedy, fit to pair, input-rms": "cut-absorb:policy=greedy:policy.keep_last=1:fit_to=pair:token_weighting=input-rms",
     "greedy, MLP pruned only": "cut-absorb:policy=greedy:policy.keep_last=1:prune=mlp",
+    "greedy, one-block fallback by the loss": "cut-absorb:policy=greedy:policy.keep_last=1:one_block_fallback=loss",
+    "the paper's recipe": "flattengpt",
+    "cut-merge": "cut-merge",
+    "cut-flatten": "cut-flatten",
+    "loss search": "cut-absorb:policy=loss-search:policy.merges=2:policy.absorbs=2:policy.drops=2:select=objective",
 }
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from flatten import Flattener
-from flatten.measure import machine
+from flatten.evaluation.measure import machine
 from harness import forward_seconds, plan_agreement, setup
 
 

@@ -12,8 +12,8 @@ import torch
 
 from flatten import perplexity
 from flatten.data import CORPORA, calibration_description, evaluation_tokens, wikitext2_test_path
-from flatten.latency import synchronize
-from flatten.pipeline import Calibration, load
+from flatten.evaluation.latency import synchronize
+from flatten.run.pipeline import Calibration, load
 
 
 @dataclass

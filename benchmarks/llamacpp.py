@@ -26,9 +26,9 @@ import torch
 
 from flatten import Flattener, calibration_tokens, load_model, perplexity
 from flatten.data import evaluation_text, tokenize
-from flatten.export import export_gguf
-from flatten.measure import machine
-from flatten.models import embedded_model_path
+from flatten.evaluation.measure import machine
+from flatten.models.export import export_gguf
+from flatten.models.loading import embedded_model_path
 from harness import publish
 
 PROMPT = "The capital of France is"
@@ -113,7 +113,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     lines = [f"### SmolLM2-135M in llama.cpp: dense and the default compression ({date.today()})", "",
              f"Command (from `benchmarks/`): `python {' '.join(sys.argv)}`", "", f"Machine: {machine()}", "",
-             f"Plan: {plan.describe()}. GGUF written by `flatten.export.export_gguf` (f16), quantized by llama.cpp's "
+             f"Plan: {plan.describe()}. GGUF written by `flatten.models.export.export_gguf` (f16), quantized by llama.cpp's "
              f"own `llama_model_quantize`; perplexity from llama.cpp's logits over the first {args.windows} windows "
              f"of 512 tokens of each text (each scored on its own), the same token ids transformers scores; greedy "
              f"continuation of {PROMPT!r} ({args.new_tokens} tokens) and decode speed with one thread.", "",

@@ -20,7 +20,7 @@ from datetime import date
 import torch
 
 from flatten import Flattener
-from flatten.measure import machine
+from flatten.evaluation.measure import machine
 from harness import plan_agreement, publish, setup
 
 

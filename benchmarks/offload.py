@@ -62,8 +62,8 @@ def child(folder: str, out: str, remove: int, samples: int, seq_len: int, mapped
           device_map_mib: int | None) -> None:
     """Load, compress and save; print one JSON line with peak anonymous memory and timings."""
     from flatten import Flattener, load_model, save_checkpoint
-    from flatten.measure import file_backed_fraction
-    from flatten.models import map_large_allocations
+    from flatten.evaluation.measure import file_backed_fraction
+    from flatten.models.loading import map_large_allocations
 
     if mapped_allocations:
         map_large_allocations()
@@ -148,7 +148,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT / "src"))
     from flatten.files import tensors_sha256
-    from flatten.measure import machine
+    from flatten.evaluation.measure import machine
     from harness import publish
     from safetensors import safe_open
 

@@ -18,8 +18,8 @@ import time
 from datetime import date
 
 from flatten import Flattener
+from flatten.evaluation.measure import machine
 from flatten.merge import swapped_blocks
-from flatten.measure import machine
 from harness import publish, setup
 
 

@@ -22,7 +22,7 @@ by layer as the strategies compute (every block visits the device once and runs 
 norm and the LM head), the least a streamed pass over the calibration set costs. One warm-up batch, then the
 best of ``--repeats``. Peak memory is ``torch.cuda.max_memory_allocated`` during the compression on CUDA;
 on the CPU, the process's peak resident memory over its whole life (``getrusage``: building and the forward
-pass included). The budget is ``flatten.measure.memory_budget`` (what the device needs besides the weights it
+pass included). The budget is ``flatten.evaluation.measure.memory_budget`` (what the device needs besides the weights it
 holds); the goal is 1.25 x the weights on the device plus that budget (issue 26).
 
 Prints the command, the machine, a markdown table of the run and one of the seconds by phase that the
@@ -47,12 +47,12 @@ import torch
 from torch import nn
 
 from flatten import build_strategy
-from flatten.architectures import architecture_for
 from flatten.calibration import capture, on_device, run_block
-from flatten.compressor import DEFAULT_RECIPE
-from flatten.latency import synchronize
-from flatten.measure import Stopwatch, machine, memory_budget
-from flatten.models import count_parameters, resolve_device
+from flatten.evaluation.latency import synchronize
+from flatten.evaluation.measure import Stopwatch, machine, memory_budget
+from flatten.models.architectures import architecture_for
+from flatten.models.loading import count_parameters, resolve_device
+from flatten.strategies.compressor import DEFAULT_RECIPE
 from harness import code_version
 
 GIB = 2**30

@@ -29,10 +29,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flatten import architecture_for, load_model
-from flatten.latency import compare_latency, synchronize
-from flatten.measure import machine
+from flatten.evaluation.latency import compare_latency, synchronize
+from flatten.evaluation.measure import machine
 from flatten.merge import remove_blocks, swapped_blocks
-from flatten.models import resolve_device
+from flatten.models.loading import resolve_device
 from harness import publish
 
 

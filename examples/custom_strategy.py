@@ -20,10 +20,10 @@ from typing import Annotated
 import torch
 
 from flatten import calibration_tokens, load_model
-from flatten.baselines import Baseline
-from flatten.compressor import register_strategy
 from flatten.merge import remove_blocks
-from flatten.options import build_strategy
+from flatten.strategies.baselines import Baseline
+from flatten.strategies.compressor import register_strategy
+from flatten.strategies.options import build_strategy
 
 
 @register_strategy("relative-update")
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"Python: {removal.describe()}; {model.config.num_hidden_layers} blocks left")
 
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "flatten.cli", "compress", "smollm2-135m", "--plugin", str(here),
+        command = [sys.executable, "-m", "flatten.run.cli", "compress", "smollm2-135m", "--plugin", str(here),
                    "--method", "relative-update:keep_first=2", "--remove", "4", "--samples", "4", "--seq-len", "128",
                    "--no-eval", "--no-latency", "--quiet", "--out", str(Path(folder) / "out")]
         done = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-from flatten.checkpoint import save_checkpoint  # noqa: E402
+from flatten.models.checkpoint import save_checkpoint  # noqa: E402
 from tiny import TinySpec, tiny_model  # noqa: E402  (tests/ is on the path from here on)
 
 WORDS = [f"w{i}" for i in range(60)]  # with [UNK], the tiny models' vocabulary of 61

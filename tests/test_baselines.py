@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from flatten import save_checkpoint
-from flatten.baselines import LaCo, Removal
-from flatten.evaluation import mean_nll, perplexity
-from flatten.compressor import STRATEGIES, get_strategy
+from flatten.evaluation.perplexity import mean_nll, perplexity
 from flatten.merge import remove_blocks, replace_span
+from flatten.strategies.baselines import LaCo, Removal
+from flatten.strategies.compressor import STRATEGIES, get_strategy
 from tiny import TinySpec, tiny_model
 
 SPEC = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=24,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from flatten.cli import build_parser, main
+from flatten.run.cli import build_parser, main
 
 FAST = ["--samples", "2", "--seq-len", "16", "--batch-size", "2"]
 FAST_EVAL = ["--windows", "2", "--ppl-len", "16"]
@@ -84,7 +84,7 @@ def test_compress_bad_input_gets_a_clear_error(tiny, tmp_path, capsys, extra, sa
 def test_compress_with_fixed_spans(tiny, tmp_path, monkeypatch):
     out = tmp_path / "fixed"
     tuned = []  # --dtype auto tunes glibc for the rest of the process: not in the test process
-    monkeypatch.setattr("flatten.cli.map_large_allocations", lambda: tuned.append(True))
+    monkeypatch.setattr("flatten.run.cli.map_large_allocations", lambda: tuned.append(True))
     code = main(["compress", *_args(tiny, "--policy", "fixed", "--spans", "1-3", "--out", str(out), "--quiet",
                                      "--dtype", "auto", "--one-block-fallback", "loss", "--token-weighting", "input-rms",
                                      "--no-eval", "--no-latency", *FAST)])
@@ -100,7 +100,7 @@ def test_compress_with_fixed_spans(tiny, tmp_path, monkeypatch):
 
 
 def test_map_large_allocations_tunes_glibc():
-    code = "from flatten.models import map_large_allocations; print(map_large_allocations())"
+    code = "from flatten.models.loading import map_large_allocations; print(map_large_allocations())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")
 
@@ -152,7 +152,7 @@ def test_eval_reports_perplexity(tiny, tmp_path, capsys):
 
 
 def test_the_cli_module_runs_as_a_script():
-    done = subprocess.run([sys.executable, "-m", "flatten.cli", "eval", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "flatten.run.cli", "eval", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "flatten eval" in done.stdout
 
 

@@ -31,10 +31,10 @@ import pytest
 import torch
 
 from flatten import STRATEGIES, Flattener, get_strategy
-from flatten.criteria import POLICIES, SCORERS
 from flatten.calibration import _tensor_core_sums, add_upper_gram, product32, symmetric
-from flatten.dispatch import device_of
-from flatten.evaluation import mean_nll
+from flatten.criteria import POLICIES, SCORERS
+from flatten.evaluation.perplexity import mean_nll
+from flatten.models.dispatch import device_of
 from tiny import TinySpec, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

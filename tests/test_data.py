@@ -86,7 +86,7 @@ def test_the_wikipedia_splits_share_no_article_and_the_fallback_keeps_its_beginn
     import json
 
     import flatten.data
-    from flatten.models import package_dir
+    from flatten.models.loading import package_dir
 
     join = flatten.data.LINE_JOIN
     texts = {split: flatten.data.wikipedia_leads(split) for split in ("calibration", "heldout", "validation")}

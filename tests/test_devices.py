@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from flatten import STRATEGIES, Flattener, get_strategy
 from flatten.criteria import POLICIES, SCORERS
-from flatten.dispatch import weights_of
+from flatten.models.dispatch import weights_of
 from tiny import TinySpec, tiny_model
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -345,7 +345,7 @@ def test_every_policy_keeps_each_op_on_one_device(policy, tmp_path):
 
 @pytest.mark.parametrize("tokens", [64, 5])  # full rank; fewer tokens than channels (a singular Gram matrix)
 def test_replacemes_solve_off_the_cpu_gives_what_gelsd_gives_on_it(tokens):
-    from flatten.baselines import _minimum_norm_solution
+    from flatten.strategies.baselines import _minimum_norm_solution
 
     generator = torch.Generator().manual_seed(0)
     m, target = (torch.randn(tokens, 16, dtype=torch.float64, generator=generator) for _ in range(2))

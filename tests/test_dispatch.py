@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flatten import build_strategy, save_checkpoint
-from flatten.cli import main
-from flatten.dispatch import weights_of
-from flatten.models import embedded_model_path
+from flatten.models.dispatch import weights_of
+from flatten.models.loading import embedded_model_path
+from flatten.run.cli import main
 from tiny import TinySpec, tiny_model
 
 STRATEGIES = ["cut-absorb", "cut-merge", "flattengpt", "replaceme", "angular", "shortgpt", "sleb", "laco",
@@ -113,7 +113,7 @@ def test_dispatch_flags_are_checked_before_loading(tiny, tmp_path, capsys, flags
 @pytest.mark.slow
 def test_smollm2_with_most_blocks_on_disk_compresses_like_the_whole_model(tmp_path):
     from flatten.data import calibration_tokens
-    from flatten.models import load_model
+    from flatten.models.loading import load_model
 
     model, tokenizer = load_model(embedded_model_path())
     save_checkpoint(model, tmp_path / "smollm2", tokenizer)

@@ -13,11 +13,11 @@ from tiny import TinySpec, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from flatten import ARCHITECTURES, Architecture, architecture_for, register_architecture
-from flatten.architectures import Gguf
-from flatten.cli import main
-from flatten.export import export_gguf, exportable, tokenizer_source
 from flatten.merge import remove_blocks
-from flatten.models import embedded_model_path
+from flatten.models.architectures import Gguf
+from flatten.models.export import export_gguf, exportable, tokenizer_source
+from flatten.models.loading import embedded_model_path
+from flatten.run.cli import main
 
 
 def _bpe_folder(folder):
@@ -183,7 +183,7 @@ def test_a_counterpart_is_one_field_of_the_registration(tmp_path):
 def test_gguf_counterparts_the_code_cannot_honour_are_refused():
     with pytest.raises(ValueError, match=r"declares rotary 'interleaved'; known: 'halves'"):
         Gguf("llama", rotary="interleaved")
-    with pytest.raises(ValueError, match=r"declares gguf='llama'; give a flatten.architectures.Gguf"):
+    with pytest.raises(ValueError, match=r"declares gguf='llama'; give a flatten.models.architectures.Gguf"):
         Architecture("somefamily", gguf="llama")
 
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from flatten import (STRATEGIES, BlockPair, architecture_for, fold_norms, get_strategy, save_checkpoint,
                      verify_architecture)
-from flatten.architectures import DROPS, MERGES, REFITS
 from flatten.merge import prune_block, select_block
+from flatten.models.exactness import DROPS, MERGES, REFITS
 from tiny import (CALIBRATION, STRATEGY_OPTIONS, BlockRunner, TinySpec, assert_same_block, greedy, random_hidden,
                   tiny_model, tolerance)
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from flatten import BlockPair, ChannelScorer, Flattener, Plan, check_stock, get_strategy, register_scorer
 from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer, get_policy
-from flatten.evaluation import mean_nll
+from flatten.engine.executor import Executor
+from flatten.evaluation.perplexity import mean_nll
 from flatten.merge import remove_blocks
 from tiny import TinySpec, tiny_model, tiny_specs
 
@@ -412,16 +413,16 @@ def test_an_interrupted_compression_resumes_to_the_same_weights(policy, options,
     whole, plan = Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
                             **options).compress(remove=3)
 
-    take, merged = Flattener._take, []
+    take, merged = Executor.take, []
 
-    def interrupted_after_two(self, step, state):
+    def interrupted_after_two(self, *args):
         if len(merged) == 2:
             raise KeyboardInterrupt
-        merge = take(self, step, state)
+        merge = take(self, *args)
         merged.append(tuple(merge.span))
         return merge
 
-    monkeypatch.setattr(Flattener, "_take", interrupted_after_two)
+    monkeypatch.setattr(Executor, "take", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         Flattener(copy.deepcopy(original), calibration, policy=policy, progress=False,
                   checkpoint=checkpoint, **options).compress(remove=3)
@@ -443,7 +444,7 @@ def test_a_safetensors_folder_stays_on_disk_while_it_is_compressed(tiny):
     """Loaded in its stored dtype, a checkpoint folder's weights are memory-mapped file pages; compression
     reads them and leaves the blocks it does not merge in the file, not copied into memory."""
     from flatten import load_model
-    from flatten.measure import file_backed_fraction
+    from flatten.evaluation.measure import file_backed_fraction
 
     model, _ = load_model(tiny[0], dtype="auto")
     assert file_backed_fraction(model.model.layers) == 1.0

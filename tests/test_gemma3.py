@@ -15,9 +15,9 @@ from tiny import CALIBRATION, STRATEGY_OPTIONS, assert_same_block, greedy
 
 from flatten import (STRATEGIES, BlockPair, architecture_for, fold_norms, get_strategy, save_checkpoint,
                      verify_architecture)
-from flatten.architectures import MERGES
 from flatten.calibration import capture, post_norm_direction, run_block, token_rows
 from flatten.merge import prune_block, select_block
+from flatten.models.exactness import MERGES
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 TYPES = [SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]
@@ -316,9 +316,9 @@ def test_the_real_gemma3_270m_exports_to_gguf_and_loads_back_and_a_compressed_on
     """Dense, its GGUF (f32) loads back through transformers' GGUF loader with the same logits; compressed, its
     global layers have moved off llama.cpp's fixed pattern and export says so before writing anything."""
     from flatten import load_model
-    from flatten.export import export_gguf
+    from flatten.models.export import export_gguf
     from flatten.merge import remove_blocks
-    from flatten.models import embedded_model_path
+    from flatten.models.loading import embedded_model_path
 
     model, tokenizer = load_model("gemma3-270m")
     path = export_gguf(model, tmp_path / "gemma.gguf", outtype="f32", tokenizer_from=embedded_model_path("gemma3-270m"))

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatten.latency import Ratio, latency_ratios
-from flatten.measure import Stopwatch
+from flatten.evaluation.latency import Ratio, latency_ratios
+from flatten.evaluation.measure import Stopwatch
 from tiny import TinySpec, tiny_model
 
 

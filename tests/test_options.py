@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import flatten  # noqa: F401  (registers every built-in strategy)
-from flatten.cli import main
-from flatten.compressor import STRATEGIES, get_strategy
 from flatten.criteria import FixedSpans, FlattenGPTScorer
 from flatten.criteria.policies import ContiguousCut
-from flatten.options import Method, build_strategy, options_of, parse_spans, strategies_help
+from flatten.run.cli import main
+from flatten.strategies.compressor import STRATEGIES, get_strategy
+from flatten.strategies.options import Method, build_strategy, options_of, parse_spans, strategies_help
 from tiny import TinySpec, tiny_model
 
 FAST = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--no-eval", "--no-latency", "--quiet"]
@@ -72,9 +72,9 @@ def test_build_strategy_equals_the_constructor():
 PLUGIN = '''
 from typing import Annotated
 
-from flatten.baselines import Baseline
-from flatten.compressor import register_strategy
 from flatten.merge import remove_blocks
+from flatten.strategies.baselines import Baseline
+from flatten.strategies.compressor import register_strategy
 
 
 @register_strategy("every-nth")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from flatten import Plan, save_checkpoint
-from flatten.export import export_gguf
 from flatten.files import write_atomically
+from flatten.models.export import export_gguf
+from flatten.models.record import RunRecord
 from flatten.plan import Merge, model_signature
-from flatten.report import RunRecord, cut_plot, similarity_heatmap
+from flatten.run.report import cut_plot, similarity_heatmap
 from test_export import _bpe_folder
 from tiny import TinySpec, tiny_model
 
@@ -139,7 +140,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_flatten_compress_writes_a_folder_others_can_read(tiny, tmp_path, capsys):
-    from flatten.cli import main
+    from flatten.run.cli import main
 
     model, text = tiny
     out = tmp_path / "out"

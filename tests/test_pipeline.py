@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from flatten.cli import main
+from flatten.run.cli import main
 from safetensors.torch import load_file
-from flatten.options import Method
-from flatten.pipeline import Amount, Calibration, CompressJob, PerplexityTexts, compress_timed, load
+from flatten.run.pipeline import Amount, Calibration, CompressJob, PerplexityTexts, compress_timed, load
+from flatten.strategies.options import Method
 
 
 def test_the_job_writes_what_the_command_writes(tiny, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flatten import Flattener, recover
-from flatten.cli import main
+from flatten.run.cli import main
 from tiny import TinySpec, tiny_model
 
 SPEC = TinySpec("qwen2", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=12,

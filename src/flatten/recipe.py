@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from flatten.calibration import attention_stats, mlp_stats, on_device, refit_error, run_block, token_rows
 from flatten.criteria.scorers import ChannelScorer, Choice, refit_residual, top
-from flatten.dispatch import device_of
 from flatten.merge import select_block
+from flatten.models.dispatch import device_of
 from flatten.pair import BlockPair, BlockRun
 from flatten.plan import Merge
 

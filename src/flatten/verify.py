@@ -7,9 +7,9 @@ import copy
 import torch
 from torch import nn
 
-from flatten.architectures import Architecture, architecture_for
 from flatten.calibration import capture, run_block
 from flatten.merge import flatten_blocks, fold_norms, prune_block
+from flatten.models.architectures import Architecture, architecture_for
 
 TINY = {"num_heads": 4, "head_dim": 8, "intermediate_size": 24}
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flatten.calibration import AttentionStats, MlpStats
+from flatten.criteria.statistics import AttentionStats, MlpStats
 from flatten.registry import Registry
 
 

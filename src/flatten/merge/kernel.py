@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatten.architectures import Architecture, BlockShape
-from flatten.dispatch import weights_of
+from flatten.models.architectures import Architecture, BlockShape
+from flatten.models.dispatch import weights_of
 
 
 def build_block(template: nn.Module, arch: Architecture, config, shape: BlockShape, layer_idx: int,

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from flatten.architectures import Architecture, architecture_for
-from flatten.dispatch import place_like, refresh_device_map
+from flatten.models.architectures import Architecture, architecture_for
+from flatten.models.dispatch import place_like, refresh_device_map
 
 
 def renumber_layers(model: nn.Module, arch: Architecture | None = None) -> None:

@@ -7,8 +7,8 @@ from typing import Callable
 
 from torch import nn
 
-from flatten.architectures import architecture_for
 from flatten.files import write_folder_atomically
+from flatten.models.architectures import architecture_for
 
 
 def check_stock(model: nn.Module) -> None:

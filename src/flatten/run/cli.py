@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flatten.models import map_large_allocations
+from flatten.models.loading import map_large_allocations
 
 # "auto": the checkpoint's stored dtype; a folder of safetensors then stays on disk, memory-mapped
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -111,8 +111,8 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 
 def _compress_parser(commands) -> None:
-    from flatten.compressor import DEFAULT_RECIPE
-    from flatten.options import strategies_help
+    from flatten.strategies.compressor import DEFAULT_RECIPE
+    from flatten.strategies.options import strategies_help
 
     compress = commands.add_parser(
         "compress", help="remove blocks (merge, absorb or drop them); save a stock checkpoint and a report",
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flatten.options import load_plugins
+    from flatten.strategies.options import load_plugins
 
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = argparse.ArgumentParser(add_help=False)
@@ -278,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(source: str, dtype: str, args=None):
-    from flatten.pipeline import load
+    from flatten.run.pipeline import load
 
     return load(source, DTYPES[dtype], _dispatch(args))
 
 
 def _dispatch(args):
-    from flatten.pipeline import Dispatch
+    from flatten.run.pipeline import Dispatch
 
     if getattr(args, "device_map", None) is None:  # compress has --device-map, the other commands not
         if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
@@ -294,13 +294,13 @@ def _dispatch(args):
 
 
 def _amount(args):
-    from flatten.pipeline import Amount
+    from flatten.run.pipeline import Amount
 
     return Amount(remove=args.remove, ratio=args.ratio, fraction=args.fraction)
 
 
 def _calibration(args):
-    from flatten.pipeline import Calibration
+    from flatten.run.pipeline import Calibration
 
     return Calibration(source=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
 
@@ -313,8 +313,8 @@ SHORTHANDS = {"scorer": "scorer", "policy": "policy", "spans": "policy.spans", "
 
 def _method(args):
     """The strategy of --method (the default recipe for ``plan``) with the options the shorthand flags set."""
-    from flatten.compressor import DEFAULT_RECIPE
-    from flatten.options import Method
+    from flatten.strategies.compressor import DEFAULT_RECIPE
+    from flatten.strategies.options import Method
 
     method = Method.parse(getattr(args, "method", DEFAULT_RECIPE))
     for flag, option in SHORTHANDS.items():
@@ -326,7 +326,7 @@ def _method(args):
 
 def _perplexity_texts(args):
     """The ``--ppl`` texts (by default WikiText-2, or the held-out Wikipedia leads, and the fiction corpus)."""
-    from flatten.pipeline import PerplexityTexts
+    from flatten.run.pipeline import PerplexityTexts
 
     texts = (None, "alice") if args.ppl is None else tuple(args.ppl.split(","))
     return PerplexityTexts(texts, windows=args.windows, seq_len=args.ppl_len)
@@ -359,7 +359,7 @@ def _default_out(source: str) -> Path:
 
 
 def run_compress(args) -> None:
-    from flatten.pipeline import CompressJob, Latency, check_output
+    from flatten.run.pipeline import CompressJob, Latency, check_output
 
     job = CompressJob(
         model=args.model, method=_method(args), out=Path(args.out) if args.out else _default_out(args.model),
@@ -376,7 +376,7 @@ def run_compress(args) -> None:
 
 
 def run_export(args) -> None:
-    from flatten.pipeline import check_output
+    from flatten.run.pipeline import check_output
 
     gguf = check_output(Path(args.gguf), args.overwrite)
     model, _ = _load(args.model, args.dtype)
@@ -384,7 +384,7 @@ def run_export(args) -> None:
 
 
 def _export(model, gguf: Path, args) -> None:
-    from flatten.export import export_gguf, tokenizer_source
+    from flatten.models.export import export_gguf, tokenizer_source
 
     tokenizer = args.tokenizer_from or tokenizer_source(args.model)
     export_gguf(model, gguf, outtype=args.outtype, tokenizer_from=tokenizer)
@@ -393,7 +393,7 @@ def _export(model, gguf: Path, args) -> None:
 
 
 def _print_compressed(report) -> None:
-    from flatten.report import protocol_lines, results_table
+    from flatten.run.report import protocol_lines, results_table
 
     record, out, figures, decisions = report.record, report.out, report.figures, report.decisions
     layers = record.results.layers
@@ -407,8 +407,8 @@ def _print_compressed(report) -> None:
 
 
 def run_plan(args) -> None:
-    from flatten.models import resolve_device
-    from flatten.report import similarity_heatmap
+    from flatten.models.loading import resolve_device
+    from flatten.run.report import similarity_heatmap
 
     device, method, amount, calibration = resolve_device(args.device), _method(args), _amount(args), _calibration(args)
     amount.check(args.model)
@@ -434,9 +434,9 @@ def run_plan(args) -> None:
 
 
 def run_eval(args) -> None:
-    from flatten.evaluation import Perplexity
-    from flatten.models import count_parameters, resolve_device
-    from flatten.zeroshot import PAPER_TASKS, check_tasks, zero_shot
+    from flatten.evaluation.perplexity import Perplexity
+    from flatten.models.loading import count_parameters, resolve_device
+    from flatten.evaluation.zeroshot import PAPER_TASKS, check_tasks, zero_shot
 
     device = resolve_device(args.device)
     tasks = None if args.tasks is None else list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
@@ -463,9 +463,9 @@ def run_eval(args) -> None:
 
 
 def run_bench(args) -> None:
-    from flatten.latency import compare_latency, latency_ratios
-    from flatten.measure import machine
-    from flatten.models import resolve_device
+    from flatten.evaluation.latency import compare_latency, latency_ratios
+    from flatten.evaluation.measure import machine
+    from flatten.models.loading import resolve_device
 
     device, batches = resolve_device(args.device), _batches(args.batch)
     names = [args.model] + ([args.against] if args.against else [])
@@ -497,11 +497,12 @@ def run_bench(args) -> None:
 def run_recover(args) -> None:
     from dataclasses import replace
 
-    from flatten.checkpoint import save_checkpoint
+    from flatten.models.checkpoint import save_checkpoint
     from flatten.data import calibration_budget, calibration_tokens, recovery_tokens, token_sha256
-    from flatten.pipeline import check_output
-    from flatten.recovery import recover
-    from flatten.report import RUN_RECORD, RunRecord, command_line, versions, weights_sha256
+    from flatten.run.pipeline import check_output
+    from flatten.run.recovery import recover
+    from flatten.models.record import RUN_RECORD, RunRecord
+    from flatten.run.report import command_line, versions, weights_sha256
 
     source = Path(args.model)
     out = check_output(Path(args.out) if args.out else (
@@ -554,8 +555,8 @@ def run_recover(args) -> None:
 
 def run_reproduce(args) -> bool:
     """Returns True (exit status 1) when the weights differ."""
-    from flatten.report import command_line
-    from flatten.reproduce import recorded_command, reproduce
+    from flatten.run.report import command_line
+    from flatten.run.reproduce import recorded_command, reproduce
 
     argv, cwd = recorded_command(args.dir)
     print(f"re-running in {cwd}: {command_line(argv)}", file=sys.stderr)

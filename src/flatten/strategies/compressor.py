@@ -3,7 +3,7 @@
 A strategy is a ``Compressor`` subclass: built on a model and calibration token ids, its
 ``compress(remove=K | ratio=R)`` changes the model in place and returns ``(model, record)``, where the model
 is a stock checkpoint of its family with fewer blocks and the record says what was done (``.method``,
-``.save(path)``). ``Flattener`` (FlattenGPT) and the baselines of ``flatten.baselines`` are registered here.
+``.save(path)``). ``Flattener`` (FlattenGPT) and the baselines of ``flatten.strategies.baselines`` are registered here.
 """
 
 from __future__ import annotations
@@ -12,22 +12,19 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatten.architectures import architecture_for
 from flatten.calibration import LayerInputs, capture, check_calibration, on_device, run_block
-from flatten.checks import TOKENS, check_choice, check_fraction, check_int
-from flatten.dispatch import check_offloaded, device_of
-from flatten.evaluation import mean_nll
-from flatten.merge import swapped_blocks
-from flatten.models import count_parameters, resolve_device
+from flatten.checks import check_fraction, check_int
+from flatten.models.architectures import architecture_for
+from flatten.models.dispatch import check_offloaded, device_of
+from flatten.models.loading import count_parameters, resolve_device
 from flatten.registry import Registry
 
 
 class Decisions(Protocol):
     """What ``compress`` returns beside the model, for every strategy: FlattenGPT's ``Plan``, a baseline's
-    ``Removal``. ``RunRecord`` (``flatten.report``) holds ``method`` and ``describe()``; ``save`` writes it
+    ``Removal``. ``RunRecord`` (``flatten.run.report``) holds ``method`` and ``describe()``; ``save`` writes it
     beside the checkpoint."""
 
     method: dict  # the strategy's name, options and bookkeeping
@@ -108,54 +105,6 @@ class Compressor:
             yield i, hidden, inputs.calls[i]
             if i + 1 < len(layers):
                 hidden = self.run_layer(layers[i], hidden, inputs.calls[i], name=f"block {i}")
-
-    @torch.no_grad()
-    def cut_distances(self, k: int, tokens: str = "all") -> Tensor:
-        """``d[s]`` for ``s`` in ``0 .. L - k``: the mean angular distance ``arccos(cos) / pi`` between the
-        input of block ``s`` and the input of block ``s + k`` (block ``L`` meaning the last block's output)
-        over the calibration sequences' tokens (``tokens="all"``) or their last tokens only (``"last"``, the
-        choice of Gromov et al. and ReplaceMe). Holds ``k + 1`` block boundaries at a time."""
-        check_choice("tokens", tokens, TOKENS)
-
-        def unit_rows(hidden: list[Tensor]) -> Tensor:
-            rows = [h[:, -1] if tokens == "last" else h.reshape(-1, h.shape[-1]) for h in hidden]
-            return F.normalize(torch.cat(rows).float(), dim=-1)
-
-        def angular(a: Tensor, b: Tensor) -> float:
-            return float((torch.arccos(torch.linalg.vecdot(a, b).clamp(-1, 1)) / torch.pi).double().mean())
-
-        layers = self.arch.layers_of(self.model)
-        count = len(layers)
-        distances = torch.zeros(count - k + 1, dtype=torch.float64)
-        recent: list[Tensor] = []  # unit-norm token rows of the last k + 1 boundaries
-        for i, hidden, calls in self.block_inputs(self.batches):
-            recent = (recent + [unit_rows(hidden)])[-(k + 1):]
-            if i >= k:
-                distances[i - k] = angular(recent[0], recent[-1])
-            if i == count - 1:
-                output = self.run_layer(layers[i], hidden, calls, name=f"block {i}")
-                distances[count - k] = angular(recent[-k] if k else unit_rows(output), unit_rows(output))
-        return distances
-
-    def loss_from(self, hidden: list[Tensor], stop: int, batches: list[Tensor], then: list[nn.Module] = ()) -> float:
-        """Mean NLL on ``batches`` of the model whose blocks ``0 .. stop-1`` are replaced by ``hidden`` (recorded
-        activations, one tensor per batch) followed by the blocks ``then``: a trial that changes blocks from
-        some point on is scored without running the blocks below it again."""
-        with swapped_blocks(self.arch.layers_of(self.model), 0, stop, [_Replay(hidden), *then]):
-            return mean_nll(self.model, batches)
-
-
-class _Replay(nn.Module):
-    """Stands in for the blocks below some point: returns recorded activations, one batch per call."""
-
-    def __init__(self, outputs: list[Tensor]):
-        super().__init__()
-        self.outputs, self.calls = outputs, 0
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.outputs[self.calls]
-        self.calls += 1
-        return out.to(hidden_states.device)
 
 
 STRATEGIES: Registry[type[Compressor]] = Registry("strategy")

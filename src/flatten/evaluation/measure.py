@@ -120,7 +120,7 @@ def memory_budget(config, tokens: int, batch_tokens: int, weight_bytes: int = 2)
     with two blocks of 1,024 of its columns while channels are selected; while merges are planned, the
     float32 inputs of every block for one batch of ``batch_tokens`` tokens (the block-input similarity).
     Weights of ``weight_bytes`` each (2 for bf16); activations in that dtype."""
-    from flatten.architectures import architecture_for
+    from flatten.models.architectures import architecture_for
 
     arch = architecture_for(config)
     shape = arch.shape_of(config)

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from flatten.calibration import block_influence, on_device, post_norm_direction, refit_error, run_block
 from flatten.checks import TOKENS, check_choice, check_int
-from flatten.compressor import Compressor, register_strategy
 from flatten.criteria.scorers import ChannelScorer, get_scorer
-from flatten.dispatch import device_of, make_resident, resident_copy, weights_of
 from flatten.files import write_atomically
 from flatten.merge import remove_blocks, replace_span, select_block, swapped_blocks
-from flatten.models import count_parameters
+from flatten.models.dispatch import device_of, make_resident, resident_copy, weights_of
+from flatten.models.loading import count_parameters
 from flatten.recipe import choose_channels
+from flatten.strategies.compressor import Compressor, register_strategy
+from flatten.strategies.signals import cut_distances, loss_from
 
 
 @dataclass
@@ -132,7 +133,7 @@ class SLEB(Baseline):
         removed, losses = [], []
         for _ in tqdm(range(k), desc="SLEB", unit="block", disable=not self.progress):
             # without block i: block i's input goes straight to block i + 1
-            candidates = [self.loss_from(hidden, i + 1, self.search_batches)
+            candidates = [loss_from(self, hidden, i + 1, self.search_batches)
                           for i, hidden, _ in self.block_inputs(self.search_batches)]
             best = min(range(len(candidates)), key=candidates.__getitem__)
             removed.append(original.pop(best))
@@ -362,7 +363,7 @@ class BlockPruner(Baseline):
                     for kind in self.KINDS:
                         if (i, kind) not in skipped:
                             with self._skipping(i, kind):
-                                candidates[(i, kind)] = self.loss_from(hidden, i, self.search_batches)
+                                candidates[(i, kind)] = loss_from(self, hidden, i, self.search_batches)
                 best = min(candidates, key=candidates.get)
                 skipped[best] = self._skip(*best)
                 order.append({"block": best[0], "sublayer": best[1], "loss": candidates[best]})
@@ -478,7 +479,7 @@ class _ContiguousCut(Baseline):
         return {"tokens": self.tokens}
 
     def cut_distances(self, k: int) -> Tensor:
-        return super().cut_distances(k, self.tokens)
+        return cut_distances(self, k, self.tokens)
 
 
 @register_strategy("angular")

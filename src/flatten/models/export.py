@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatten.architectures import ARCHITECTURES, architecture_for
-from flatten.dispatch import load_offloaded
 from flatten.files import write_atomically
+from flatten.models.architectures import ARCHITECTURES, architecture_for
+from flatten.models.dispatch import load_offloaded
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -248,8 +248,8 @@ def tokenizer_source(model_source: str | Path) -> Path:
     """Where ``export_gguf`` takes the tokenizer of the model loaded from ``model_source``: the GGUF file it
     came from (a ``.gguf`` path, an embedded model's file, or either as the base model a saved folder's run
     record names), else the folder itself."""
-    from flatten.models import EMBEDDED_MODELS, embedded_model_path
-    from flatten.report import RUN_RECORD, RunRecord
+    from flatten.models.loading import EMBEDDED_MODELS, embedded_model_path
+    from flatten.models.record import RUN_RECORD, RunRecord
 
     source = Path(model_source)
     if str(model_source) in EMBEDDED_MODELS:

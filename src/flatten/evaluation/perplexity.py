@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flatten.dispatch import device_of
+from flatten.models.dispatch import device_of
 
 
 @dataclass(frozen=True)

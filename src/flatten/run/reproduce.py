@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from flatten.report import RunRecord
+from flatten.models.record import RunRecord
 
 
 @dataclass
@@ -37,7 +37,7 @@ def recorded_command(folder: str | Path) -> tuple[list[str], str]:
 
 def reproduce(folder: str | Path, run: Callable[[list[str]], int]) -> Reproduction:
     """Re-run the command recorded in ``folder`` with ``run`` (the ``flatten`` command's entry point,
-    ``flatten.cli.main``) in its recorded folder, into a temporary output, and compare every tensor."""
+    ``flatten.run.cli.main``) in its recorded folder, into a temporary output, and compare every tensor."""
     from safetensors.torch import load_file
 
     folder = Path(folder)

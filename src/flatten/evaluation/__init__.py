@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity, zero-shot accuracy, latency, and the peak memory and machine of a run."""
