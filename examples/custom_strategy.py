@@ -61,7 +61,7 @@ class RelativeUpdate(Baseline):
         order = sorted(range(self.keep_first, len(updates)), key=updates.__getitem__)
         drop = sorted(order[:k])
         remove_blocks(self.model, drop, self.arch)
-        return self.model, self._record(start, removed=drop, scores={"relative_update": updates})
+        return self.model, self.record_removal(start, removed=drop, scores={"relative_update": updates})
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def _decisions(record) -> list:
     blocks / zeroed sub-layers / MLP width."""
     if hasattr(record, "merges"):
         return [(m.span, m.keep_groups, m.keep_channels) for m in record.merges]
-    return [record.removed, record.zeroed, record.mlp_width]
+    return [record.removed, getattr(record, "zeroed", []), getattr(record, "mlp_width", None)]
 
 
 def _required(factory) -> list[str]:

@@ -257,7 +257,7 @@ _REFERENCE: dict[tuple, tuple] = {}  # (what, name) -> (the CPU run's weights, i
 def _decisions(record) -> list:
     if hasattr(record, "merges"):
         return [(m.span, m.keep_groups, m.keep_channels) for m in record.merges]
-    return [record.removed, record.zeroed, record.mlp_width]
+    return [record.removed, getattr(record, "zeroed", []), getattr(record, "mlp_width", None)]
 
 
 def _build(what: str, name: str, model, **harness):

@@ -94,7 +94,7 @@ class EveryNth(Baseline):
         count = len(self.arch.layers_of(self.model))
         drop = sorted(count - 1 - self.n * j for j in range(k))
         remove_blocks(self.model, drop, self.arch)
-        return self.model, self._record(0.0, removed=drop)
+        return self.model, self.record_removal(0.0, removed=drop)
 '''
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -62,6 +63,8 @@ class Merge:
 
 @dataclass
 class Plan:
+    file_name: ClassVar[str] = "plan.json"  # beside a saved checkpoint
+
     model: dict  # model_signature of the model the plan was made for (before compression)
     method: dict = field(default_factory=dict)  # scorer, policy, similarity, calibration: how it was made
     similarity: list[list[float]] | None = None  # block-input similarity matrix of the original model

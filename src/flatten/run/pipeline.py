@@ -271,7 +271,7 @@ class CompressJob:
         done = compress_timed(compressor, remove)
         after = self.texts.measure(done.model, texts, device, self.progress) if texts else []
         latency, ratios = ([], []) if original is None else self.latency.measure(done.model, original, device)
-        record = self._record(source, compressor.title, done, [list(p) for p in zip(before, after)], latency, ratios)
+        record = self.record_removal(source, compressor.title, done, [list(p) for p in zip(before, after)], latency, ratios)
         figures = []
         save_checkpoint(done.model, self.out, tokenizer, overwrite=self.overwrite,
                         extras=lambda folder: figures.extend(write_report(folder, record, done.decisions)))
@@ -289,7 +289,7 @@ class CompressJob:
             return None
         return copy.deepcopy(model)
 
-    def _record(self, source: "_Original", strategy: str, done: Compressed, perplexity, latency, ratios):
+    def record_removal(self, source: "_Original", strategy: str, done: Compressed, perplexity, latency, ratios):
         from flatten.models.loading import count_parameters
         from flatten.evaluation.measure import machine
         from flatten.models.record import Results, RunRecord
@@ -300,7 +300,7 @@ class CompressJob:
             name=self.out.name, base_model=self.model, source_sha256=source.sha256, command=command_line(self.argv),
             argv=self.argv, cwd=os.getcwd(), versions=versions(), machine=machine(), calibration=source.about,
             strategy=strategy, what=decisions.describe(), method=decisions.method,
-            decisions=f"{type(decisions).__name__.lower()}.json",  # plan.json, removal.json
+            decisions=decisions.file_name,
             results=Results(layers=[source.layers, done.model.config.num_hidden_layers],
                             parameters=[source.parameters,
                                         decisions.method.get("parameters_effective", count_parameters(done.model))],

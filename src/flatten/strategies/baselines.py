@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,32 +34,58 @@ from flatten.strategies.signals import cut_distances, loss_from
 
 @dataclass
 class Removal:
-    """What a baseline did. Block indices are those of the original model."""
+    """What a baseline that deletes blocks did. Block indices are those of the original model; the baselines
+    that do more than delete record it in a subclass (``Collapse``, ``SubLayerRemoval``, ``WidthPruning``)."""
+
+    file_name: ClassVar[str] = "removal.json"  # beside a saved checkpoint
 
     method: dict
     removed: list[int] = field(default_factory=list)  # blocks deleted (or collapsed into a kept block)
     scores: dict = field(default_factory=dict)  # what each decision was based on
-    collapsed: list[tuple[int, int]] = field(default_factory=list)  # LaCo: spans merged into their first block
-    zeroed: list[tuple[int, str]] = field(default_factory=list)  # BlockPruner: (block, "attention" | "mlp")
-    mlp_width: tuple[int, int] | None = None  # prune-only: every MLP's channels, before and after
+
+    def what(self) -> str:
+        return "removed blocks " + " ".join(map(str, self.removed))
 
     def describe(self) -> str:
         """What was done, in a few words."""
-        if self.mlp_width:
-            what = "pruned the MLP of every block from {} to {} channels".format(*self.mlp_width)
-        elif self.collapsed:
-            what = "collapsed " + " ".join(f"{a}-{c}" for a, c in self.collapsed)
-        else:
-            what = "removed blocks " + " ".join(map(str, self.removed))
-        if self.zeroed:
-            what += "; zeroed " + " ".join(f"{i}{kind[0]}" for i, kind in self.zeroed) + " (a: attention, m: MLP)"
-        return f"{what} ({self.method['strategy']})"
+        return f"{self.what()} ({self.method['strategy']})"
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1) + "\n"))
         return path
+
+
+@dataclass
+class Collapse(Removal):
+    """LaCo's: spans of blocks collapsed into their first block (``removed``: the others)."""
+
+    collapsed: list[tuple[int, int]] = field(default_factory=list)
+
+    def what(self) -> str:
+        return "collapsed " + " ".join(f"{a}-{c}" for a, c in self.collapsed)
+
+
+@dataclass
+class SubLayerRemoval(Removal):
+    """BlockPruner's: blocks deleted whole, and attention or MLP sub-layers silenced in the blocks kept."""
+
+    zeroed: list[tuple[int, str]] = field(default_factory=list)  # (block, "attention" | "mlp")
+
+    def what(self) -> str:
+        return (super().what() + "; zeroed " + " ".join(f"{i}{kind[0]}" for i, kind in self.zeroed)
+                + " (a: attention, m: MLP)" if self.zeroed else super().what())
+
+
+@dataclass
+class WidthPruning(Removal):
+    """prune-only's: no block deleted; every MLP pruned from the first width to the second."""
+
+    mlp_width: tuple[int, int] = (0, 0)
+
+    def what(self) -> str:
+        return "pruned the MLP of every block from {} to {} channels".format(*self.mlp_width)
 
 
 class Baseline(Compressor):
@@ -73,11 +99,13 @@ class Baseline(Compressor):
         check_int("search_samples", search_samples, 1, calibration.shape[0], optional=True)
         self.search_batches = list(calibration[:search_samples].split(batch_size))
 
-    def _record(self, start: float, **found) -> Removal:
+    def record_removal(self, start: float, kind: type[Removal] = Removal, **found) -> Removal:
+        """The record of a compression that began at ``start`` (``time.perf_counter()``): a ``kind`` with
+        ``found`` (``removed``, ``scores``, and the kind's own fields), its method the strategy's options."""
         method = {"strategy": self.name, **self.options(),
                   "calibration": {"samples": self.calibration.shape[0], "seq_len": self.calibration.shape[1]},
                   "seconds": round(time.perf_counter() - start, 2), "parameters_after": count_parameters(self.model)}
-        return Removal(method, **found)
+        return kind(method, **found)
 
     def options(self) -> dict:
         return {"search_samples": sum(b.shape[0] for b in self.search_batches)}
@@ -116,7 +144,7 @@ class ShortGPT(Baseline):
         influence = self.block_influence()
         drop = sorted(influence.argsort()[:k].tolist())
         remove_blocks(self.model, drop, self.arch)
-        return self.model, self._record(start, removed=drop, scores={"block_influence": influence.tolist()})
+        return self.model, self.record_removal(start, removed=drop, scores={"block_influence": influence.tolist()})
 
 
 @register_strategy("sleb")
@@ -139,7 +167,7 @@ class SLEB(Baseline):
             removed.append(original.pop(best))
             losses.append(candidates)
             remove_blocks(self.model, [best], self.arch)
-        return self.model, self._record(start, removed=sorted(removed),
+        return self.model, self.record_removal(start, removed=sorted(removed),
                                         scores={"order": removed, "candidate_losses": losses})
 
 
@@ -317,7 +345,7 @@ class LaCo(Baseline):
                     drops = self._lowered(drops, rejected)
         collapsed = [span for span in spans if span[1] > span[0]]
         dropped = sorted(i for a, c in collapsed for i in range(a + 1, c + 1))
-        return self.model, self._record(start, removed=dropped, collapsed=collapsed,
+        return self.model, self.record_removal(start, Collapse, removed=dropped, collapsed=collapsed,
                                         scores={"tried": tried, "thresholds": thresholds})
 
 
@@ -379,7 +407,7 @@ class BlockPruner(Baseline):
         emptied = sorted(i for i in range(len(layers)) if all((i, kind) in skipped for kind in self.KINDS))
         remove_blocks(self.model, emptied, self.arch)
         zeroed = sorted(key for key in skipped if key[0] not in emptied)
-        record = self._record(start, removed=emptied, zeroed=zeroed, scores={"order": order})
+        record = self.record_removal(start, SubLayerRemoval, removed=emptied, zeroed=zeroed, scores={"order": order})
         record.method["parameters_effective"] = count_parameters(self.model) - sum(size[kind] for _, kind in zeroed)
         return self.model, record
 
@@ -459,7 +487,7 @@ class PruneOnly(Baseline):
             if i + 1 < len(layers):
                 hidden = self.run_layer(layers[i], hidden, calls, name=f"block {i} (pruned)")
         setattr(config, self.arch.intermediate_size_field, width)
-        return self.model, self._record(start, mlp_width=(shape.intermediate_size, width),
+        return self.model, self.record_removal(start, WidthPruning, mlp_width=(shape.intermediate_size, width),
                                         **({"scores": {"refit": errors}} if errors else {}))
 
 
@@ -496,7 +524,7 @@ class AngularCut(_ContiguousCut):
         distances = self.cut_distances(k)
         first = int(distances.argmin())
         remove_blocks(self.model, list(range(first, first + k)), self.arch)
-        return self.model, self._record(start, removed=list(range(first, first + k)),
+        return self.model, self.record_removal(start, removed=list(range(first, first + k)),
                                         scores={"cut_distances": distances.tolist()})
 
 
@@ -555,7 +583,7 @@ class ReplaceMe(_ContiguousCut):
                 scores["refit"] = refit_error(kept, before, self.arch, *fitted)
         removed = list(range(first, first + k))
         remove_blocks(self.model, removed, self.arch)
-        return self.model, self._record(start, removed=removed, scores=scores)
+        return self.model, self.record_removal(start, removed=removed, scores=scores)
 
     def transform(self, first: int, k: int) -> Tensor:
         """``T`` (float64, on the computing device) for the cut of blocks ``first .. first+k-1``, from the

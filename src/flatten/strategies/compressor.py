@@ -28,6 +28,7 @@ class Decisions(Protocol):
     beside the checkpoint."""
 
     method: dict  # the strategy's name, options and bookkeeping
+    file_name: str  # its file beside a saved checkpoint: plan.json, removal.json
 
     def describe(self) -> str: ...
 
