@@ -147,8 +147,8 @@ def main() -> None:
         return child(*args.child, args.remove, args.samples, args.seq_len, args.mapped_allocations, args.device_map_mib)
 
     sys.path.insert(0, str(ROOT / "src"))
-    from flatten.files import tensors_sha256
     from flatten.evaluation.measure import machine
+    from flatten.files import tensors_sha256
     from harness import publish
     from safetensors import safe_open
 

@@ -316,8 +316,8 @@ def test_the_real_gemma3_270m_exports_to_gguf_and_loads_back_and_a_compressed_on
     """Dense, its GGUF (f32) loads back through transformers' GGUF loader with the same logits; compressed, its
     global layers have moved off llama.cpp's fixed pattern and export says so before writing anything."""
     from flatten import load_model
-    from flatten.models.export import export_gguf
     from flatten.merge import remove_blocks
+    from flatten.models.export import export_gguf
     from flatten.models.loading import embedded_model_path
 
     model, tokenizer = load_model("gemma3-270m")

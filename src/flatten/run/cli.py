@@ -435,8 +435,8 @@ def run_plan(args) -> None:
 
 def run_eval(args) -> None:
     from flatten.evaluation.perplexity import Perplexity
-    from flatten.models.loading import count_parameters, resolve_device
     from flatten.evaluation.zeroshot import PAPER_TASKS, check_tasks, zero_shot
+    from flatten.models.loading import count_parameters, resolve_device
 
     device = resolve_device(args.device)
     tasks = None if args.tasks is None else list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
@@ -497,11 +497,11 @@ def run_bench(args) -> None:
 def run_recover(args) -> None:
     from dataclasses import replace
 
-    from flatten.models.checkpoint import save_checkpoint
     from flatten.data import calibration_budget, calibration_tokens, recovery_tokens, token_sha256
+    from flatten.models.checkpoint import save_checkpoint
+    from flatten.models.record import RUN_RECORD, RunRecord
     from flatten.run.pipeline import check_output
     from flatten.run.recovery import recover
-    from flatten.models.record import RUN_RECORD, RunRecord
     from flatten.run.report import command_line, versions, weights_sha256
 
     source = Path(args.model)

@@ -108,8 +108,8 @@ class PerplexityTexts:
                 progress: bool = False) -> list[dict]:
         """``Perplexity.as_dict()`` of ``model`` on each of ``texts`` (from ``tokens``), computed on ``device``
         (a model dispatched by accelerate computes where its parts are) and put back where it was."""
-        from flatten.models.dispatch import is_dispatched
         from flatten.evaluation.perplexity import perplexity
+        from flatten.models.dispatch import is_dispatched
 
         placed, was = is_dispatched(model), next(model.parameters()).device
         if not placed:
@@ -271,7 +271,8 @@ class CompressJob:
         done = compress_timed(compressor, remove)
         after = self.texts.measure(done.model, texts, device, self.progress) if texts else []
         latency, ratios = ([], []) if original is None else self.latency.measure(done.model, original, device)
-        record = self.record_removal(source, compressor.title, done, [list(p) for p in zip(before, after)], latency, ratios)
+        record = self._run_record(source, compressor.title, done, [list(p) for p in zip(before, after)], latency,
+                                  ratios)
         figures = []
         save_checkpoint(done.model, self.out, tokenizer, overwrite=self.overwrite,
                         extras=lambda folder: figures.extend(write_report(folder, record, done.decisions)))
@@ -289,9 +290,9 @@ class CompressJob:
             return None
         return copy.deepcopy(model)
 
-    def record_removal(self, source: "_Original", strategy: str, done: Compressed, perplexity, latency, ratios):
-        from flatten.models.loading import count_parameters
+    def _run_record(self, source: "_Original", strategy: str, done: Compressed, perplexity, latency, ratios):
         from flatten.evaluation.measure import machine
+        from flatten.models.loading import count_parameters
         from flatten.models.record import Results, RunRecord
         from flatten.run.report import command_line, versions
 
