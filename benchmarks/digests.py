@@ -8,10 +8,10 @@ change that should not alter results, and compare the two JSON files (equal dige
 
 import json
 import sys
-import time
 
 from flatten import build_strategy, calibration_tokens, load_model
 from flatten.files import tensors_sha256
+from flatten.run.pipeline import compress_timed
 
 RECIPES = {  # as ``flatten compress --method`` and compare.py take them (flatten.strategies.options)
     "cut (the default)": "cut-absorb",
@@ -33,10 +33,9 @@ def main(path: str) -> None:
     for name, method in RECIPES.items():
         model, tokenizer = load_model("smollm2-135m")
         calibration = calibration_tokens(tokenizer, samples=8, seq_len=128)
-        start = time.perf_counter()
-        model, plan = build_strategy(method, model, calibration, progress=False).compress(remove=2)
-        found[name] = {"weights": tensors_sha256(sorted(model.state_dict().items())), "spans": plan.spans}
-        print(f"{name}: {found[name]['weights'][:16]} spans {plan.spans} ({time.perf_counter() - start:.0f} s)")
+        done = compress_timed(build_strategy(method, model, calibration, progress=False), 2)
+        found[name] = {"weights": tensors_sha256(sorted(done.model.state_dict().items())), "spans": done.decisions.spans}
+        print(f"{name}: {found[name]['weights'][:16]} spans {done.decisions.spans} ({done.seconds:.0f} s)")
     with open(path, "w") as f:
         json.dump(found, f, indent=1)
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 
 import torch
 
 from flatten import Flattener
 from flatten.evaluation.measure import machine
+from flatten.run.pipeline import compress_timed
 from harness import forward_seconds, plan_agreement, setup
 
 
@@ -29,9 +29,8 @@ def compress(model, calibration, remove: int, device: str, resident: bool = Fals
     model = copy.deepcopy(model)
     if resident:
         model.to(device)
-    start = time.perf_counter()
-    model, plan = Flattener(model, calibration, device=device, progress=False).compress(remove=remove)
-    return model.cpu(), plan, time.perf_counter() - start
+    done = compress_timed(Flattener(model, calibration, device=device, progress=False), remove)
+    return done.model.cpu(), done.decisions, done.seconds
 
 
 def main() -> None:

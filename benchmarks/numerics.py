@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from datetime import date
 
 import torch
 
 from flatten import Flattener
 from flatten.evaluation.measure import machine
+from flatten.run.pipeline import compress_timed
 from harness import plan_agreement, publish, setup
 
 
@@ -40,9 +40,8 @@ def main() -> None:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = copy.deepcopy(run.model).to(dtype)
-        start = time.perf_counter()
-        model, plan = Flattener(model, run.calibration).compress(remove=args.remove)
-        results[dtype] = (model, plan, time.perf_counter() - start)
+        done = compress_timed(Flattener(model, run.calibration), args.remove)
+        results[dtype] = (done.model, done.decisions, done.seconds)
     (full, plan32, seconds32), (half, plan16, seconds16) = results[torch.float32], results[torch.bfloat16]
     ppl32, ppl16 = run.ppl(full), run.ppl(half)
     ppl32_cast = run.ppl(copy.deepcopy(full).to(torch.bfloat16))

@@ -173,12 +173,16 @@ class Compressed:
 
 
 def compress_timed(compressor, remove: int | None) -> Compressed:
-    """``compressor.compress(remove=remove)``, timed, with the peak memory it took."""
+    """``compressor.compress(remove=remove)``, timed (the work queued on its device included), with the peak
+    memory it took."""
+    from flatten.evaluation.latency import synchronize
     from flatten.evaluation.measure import PeakMemory
 
     with PeakMemory() as memory:
+        synchronize(compressor.device)
         start = time.perf_counter()
         model, decisions = compressor.compress(remove=remove)
+        synchronize(compressor.device)
         seconds = time.perf_counter() - start
     return Compressed(model, decisions, seconds, memory.peak_bytes, memory.baseline_bytes, memory.cuda_peak_bytes)
 
