@@ -368,8 +368,7 @@ def run_compress(args) -> None:
         argv=args.argv, texts=None if args.no_eval else _perplexity_texts(args),
         latency=None if args.no_latency else Latency(_batches(args.batch), args.prompt, args.new_tokens, args.repeats))
     gguf = args.gguf and check_output(Path(args.gguf), args.overwrite)
-    job.check()
-    report = job.run()
+    report = job.run()  # refuses what it can before loading the weights
     _print_compressed(report)
     if gguf:
         _export(report.model, gguf, args)

@@ -1,9 +1,9 @@
 """The one compress -> measure -> report pipeline: ``flatten compress`` and the benchmarks run through it.
 
-    from flatten.run.pipeline import CompressJob
+    from flatten.run.pipeline import Amount, CompressJob
     from flatten.strategies.options import Method
 
-    report = CompressJob("smollm2-135m", Method.parse("cut-absorb"), out="out/smol", remove=6).run()
+    report = CompressJob("smollm2-135m", Method.parse("cut-absorb"), out="out/smol", amount=Amount(remove=6)).run()
     report.record.results.perplexity   # [before, after] per text
 
 ``CompressJob.run`` loads the model, calibrates, measures before, compresses, measures after, and writes the
