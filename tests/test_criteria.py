@@ -87,8 +87,16 @@ def test_ridge_refit_solves_the_least_squares_problem(n, d, seed):
     got = ridge_refit(a.T @ a, a.T @ y, keep, w, 1e-12)
     expected = torch.linalg.lstsq(a[:, keep], y).solution.T
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
-    # keeping everything reproduces the weight exactly
-    torch.testing.assert_close(ridge_refit(a.T @ a, a.T @ y, torch.arange(n), w, 1e-12), w, rtol=1e-6, atol=1e-8)
+    # keeping everything reproduces the weight exactly; the Gram matrix, factorised without a copy, is restored
+    gram = a.T @ a
+    before = gram.clone()
+    torch.testing.assert_close(ridge_refit(gram, a.T @ y, torch.arange(n), w, 1e-12), w, rtol=1e-6, atol=1e-8)
+    assert torch.equal(gram, before)
+    # with every input kept, the ridge solution is that of the shifted normal equations
+    lam = 0.5 * before.diagonal().mean()
+    y = y + torch.randn(y.shape, generator=g, dtype=torch.float64)
+    expected = torch.linalg.solve(before + lam * torch.eye(n, dtype=torch.float64), a.T @ y + lam * w.T).T
+    torch.testing.assert_close(ridge_refit(gram, a.T @ y, torch.arange(n), w, 0.5), expected)
 
 
 def test_top_keeps_the_highest_scores_in_ascending_order():

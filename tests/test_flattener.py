@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatten import BlockPair, ChannelScorer, Flattener, Plan, check_stock, get_strategy, register_scorer
+from flatten import BlockPair, BlockRun, ChannelScorer, Flattener, Plan, check_stock, get_strategy, register_scorer
 from flatten.criteria import SCORERS, FixedSpans, FlattenGPTScorer, get_policy
 from flatten.engine.executor import Executor
 from flatten.evaluation.perplexity import mean_nll
@@ -209,8 +209,27 @@ def test_flatten_only_keeps_the_wide_blocks_and_computes_the_flattened_sum():
     torch.testing.assert_close(model(calibration).logits, expected(calibration).logits)
     with pytest.raises(ValueError, match="is not a stock checkpoint|prune wide blocks"):
         check_stock(model)
-    with pytest.raises(ValueError, match="spans of two blocks only; span"):
+    with pytest.raises(ValueError, match="cannot flatten them again"):
         Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 3)]), prune=False, progress=False).compress()
+
+
+@pytest.mark.parametrize("prune", [False, "refit", "attention", "mlp"])
+def test_a_run_flattened_at_once_takes_every_ablation(prune):
+    spec = TinySpec("llama", 2, 2, 2, 4, 16, num_layers=6, dtype=torch.float64)
+    model = tiny_model(spec)
+    expected = copy.deepcopy(model)
+    calibration = torch.randint(0, 61, (4, 8), generator=torch.Generator().manual_seed(0))
+    model, plan = Flattener(model, calibration, policy="cut-flatten", prune=prune, progress=False).compress(remove=2)
+    (merge,) = plan.merges
+    assert len(model.model.layers) == 4 and merge.count == 3 and plan.method["prune"] == prune
+    assert plan.describe().startswith(f"flattened {merge.position}+{merge.position + 1}-{merge.position + 2} (")
+    assert f"prune={prune}: kept wide" in plan.describe()
+    wide = model.model.layers[merge.position]
+    assert wide.mlp.down_proj.weight.shape[1] == (16 if prune == "mlp" else 3 * 16)
+    assert wide.self_attn.k_proj.weight.shape[0] == (2 * 4 if prune == "attention" else 3 * 2 * 4)
+    if prune is False:
+        BlockRun(expected, merge.position, 3).replace(BlockRun(expected, merge.position, 3).flatten())
+        torch.testing.assert_close(model(calibration).logits, expected(calibration).logits)
 
 
 def test_merges_in_isolation_are_the_blocks_a_single_merge_would_build():
@@ -269,7 +288,7 @@ def test_pruning_only_one_half_leaves_the_other_wide(half):
     _, full = Flattener(tiny_model(spec), calibration, policy=FixedSpans([(1, 2)]), progress=False).compress()
     if half == "attention":
         assert plan.merges[0].keep_groups == full.merges[0].keep_groups
-    with pytest.raises(ValueError, match="prune must be one of True, False, 'attention', 'mlp', got 'heads'"):
+    with pytest.raises(ValueError, match="prune must be one of True, False, 'refit', 'attention', 'mlp', got 'heads'"):
         Flattener(tiny_model(spec), calibration, prune="heads")
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from flatten import BlockPair, BlockRun, Flattener, Plan, get_scorer, get_strategy
 from flatten.calibration import run_block
 from flatten.criteria import SCORERS, get_policy
-from flatten.recipe import merge_pair, pair_outputs, run_output
+from flatten.recipe import merge_pair, pair_outputs, refit_only, run_output
 from tiny import TinySpec, pair_inputs, tiny_model, tiny_specs
 
 
@@ -67,6 +67,23 @@ def test_a_run_flattened_at_once_never_misses_the_target_more_than_the_absorb_of
         missed_chosen, rel=1e-9, abs=1e-12)
     assert (merge.position, merge.span, merge.count) == (position, (position, position + count - 1), count)
 
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=tiny_specs(dtypes=(torch.float64,), num_layers=st.integers(2, 4)),
+       scorer=st.sampled_from(SCORERS.names()), data=st.data())
+def test_a_refitted_wide_block_never_misses_the_target_more_than_the_flattened_one(spec, scorer, data):
+    model = tiny_model(spec)
+    count = data.draw(st.integers(2, spec.num_layers))
+    position = data.draw(st.integers(0, spec.num_layers - count))
+    calibration = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(spec.seed))
+    _, hidden, calls = pair_inputs(model, position, calibration)
+    run = BlockRun(model, position, count)
+    targets = run_output(run, hidden, calls, None)
+    refitted, merge = refit_only(run, get_scorer(scorer), hidden, calls, targets=targets)
+
+    assert merge.keep_channels == list(range(count * spec.intermediate_size))
+    assert _missed(refitted, hidden, calls, targets) <= _missed(run.flatten(), hidden, calls, targets) * (1 + 1e-9) + 1e-12
 
 def test_the_objective_takes_the_absorb_where_the_second_block_does_nothing():
     """With the second block's writers zeroed, the pair computes what the first block does: keeping the first

@@ -59,9 +59,11 @@ class Flattener(Compressor):
     activations that reach it in the already-compressed model below it (sequential calibration). ``device``
     is where blocks are computed (default: where the model is); the model may stay elsewhere, e.g. on the CPU, and only the
     block in hand and one block boundary's activations visit the device. ``prune=False`` is an ablation:
-    the flattened blocks keep double width (no parameters saved; not a stock checkpoint, so it cannot be
-    saved; spans of two blocks only). ``prune="attention"`` / ``"mlp"`` prune only that half of each wide
-    block and leave the other at double width: ablations that tell where pruning loses (not saveable either).
+    the flattened blocks keep their width (no parameters saved; not a stock checkpoint, so it cannot be
+    saved; each step flattens blocks of the model's own width). ``prune="refit"`` keeps them wide too, with
+    ``down_proj`` refitted to the target as a pruned merge's is; ``prune="attention"`` / ``"mlp"`` prune only
+    that half of each wide block and leave the other wide: ablations that tell where a merge loses, to the
+    flattening or to the pruning (not saveable either).
 
     ``one_block_fallback``: after pruning a flattened pair, compare it with the two selections that keep one
     block whole and drop the other (the first block's KV groups and channels, or the second's), and keep the
@@ -101,8 +103,8 @@ class Flattener(Compressor):
                  policy: Annotated[str | PairPolicy, "which steps remove the blocks: merges, absorbs, drops"] = "cut",
                  similarity: Annotated[str, "block-input similarity of the similarity policies"] = "cosine",
                  batch_size: int = 4, device: str | torch.device | None = None, progress: bool = True,
-                 prune: Annotated[bool | str, "ablation: false keeps flattened blocks wide; attention or mlp "
-                                  "prunes only that half"] = True,
+                 prune: Annotated[bool | str, "ablation: false keeps flattened blocks wide; refit keeps them "
+                                  "wide and refits down_proj; attention or mlp prunes only that half"] = True,
                  checkpoint: Annotated[str | Path | None, "plan file saved after every step; resumed from if it "
                                        "exists"] = None,
                  one_block_fallback: Annotated[bool | str, "keep one block of a pair whole where that does better: "
@@ -118,7 +120,7 @@ class Flattener(Compressor):
             raise ValueError(self.arch.refusal(f"{self.name} (its steps flatten two blocks and refit a down_proj)",
                                                self.arch.merge_refusal))
         check_choice("one_block_fallback", one_block_fallback, FALLBACKS)
-        check_choice("prune", prune, (True, False, "attention", "mlp"))
+        check_choice("prune", prune, (True, False, "refit", "attention", "mlp"))
         self.prune = prune if isinstance(prune, str) else bool(prune)
         self.one_block_fallback = {False: False, True: "reconstruction"}.get(one_block_fallback, one_block_fallback)
         self.token_weighting = check_choice("token_weighting", token_weighting, TOKEN_WEIGHTINGS)

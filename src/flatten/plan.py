@@ -118,10 +118,14 @@ class Plan:
         def name(span):
             return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
 
-        words = [f"merged {name(a)}+{name(b)}" if kind == "merged" else
+        prune = self.method.get("prune", True)  # an ablation leaves flattened blocks (or one half) wide
+        merged = "merged" if prune is True else "flattened"
+        words = [f"{merged} {name(a)}+{name(b)}" if kind == "merged" else
                  f"absorbed {name(b)} into {name(a)}" if kind == "absorbed" else f"dropped {name(b)}"
                  for kind, a, b in self.steps()]
         how = ", ".join(f"{key} {self.method[key]}" for key in ("scorer", "policy") if key in self.method)
+        if prune is not True:
+            how += f", prune={prune}: kept wide, not a stock checkpoint"
         return "; ".join(words) + (f" ({how})" if how else "")
 
     def apply(self, model: nn.Module) -> nn.Module:

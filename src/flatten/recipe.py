@@ -307,28 +307,50 @@ def _refit(recipe: _Recipe, wide: nn.Module, batches: _Batches, group: Choice, c
     return group, channels
 
 
-def flatten_only(pair: BlockPair, *_, **__) -> tuple[nn.Module, Merge]:
+def flatten_only(pair: BlockRun, *_, **__) -> tuple[nn.Module, Merge]:
     """The ablation "flatten, do not prune": the wide block (no parameters saved; not a stock checkpoint)."""
     wide = pair.flatten()
     shape = pair.arch.block_shape(wide, pair.model.config)
-    p = pair.index
-    return wide, Merge(p, (p, p + 1), None, list(range(shape.num_kv_heads)), list(range(shape.intermediate_size)))
+    p, n = pair.index, pair.count
+    return wide, Merge(p, (p, p + n - 1), None, list(range(shape.num_kv_heads)), list(range(shape.intermediate_size)),
+                       count=n)
 
 
-def prune_attention_only(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
+def refit_only(pair: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *, targets=None,
+               token_weights=None, device=None, watch=None, **_) -> tuple[nn.Module, Merge]:
+    """The ablation "flatten and refit, do not prune": every head and MLP channel of the blocks stays and the
+    scorer refits the wide ``down_proj`` to ``targets`` (default: what the blocks compute one after the
+    other). Beside the pruned merge, it tells what the pruning costs; beside the absorb, what flattening
+    costs before any pruning."""
+    recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
+    wide = recipe.wide()
+    shape = recipe.arch.block_shape(wide, recipe.config)
+    if recipe.scorer.needs_target and targets is None:
+        targets = recipe.targets()
+    channels = choose_channels(wide, recipe.arch, recipe.config, scorer, hidden, calls, targets,
+                               shape.intermediate_size, torch.arange(shape.intermediate_size), token_weights,
+                               recipe.watch)
+    merge = recipe.record(Choice(torch.arange(shape.num_kv_heads)), channels)
+    with recipe.watch("flatten and prune"):
+        block = select_block(wide, recipe.arch, recipe.config, pair.index, merge.keep_groups, merge.keep_channels,
+                             down_proj=merge.down_proj)
+    return block.to(recipe.home), merge
+
+
+def prune_attention_only(pair: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
                          token_weights=None, device=None, watch=None, **_) -> tuple[nn.Module, Merge]:
-    """The ablation "prune the attention only": every MLP channel of both blocks stays."""
+    """The ablation "prune the attention only": every MLP channel of the blocks stays."""
     recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
     wide = recipe.wide()
     groups = recipe.groups(wide, None)
     half = recipe.half(wide, groups)
-    channels = list(range(recipe.arch.block_shape(wide, recipe.config).intermediate_size))
-    return half.to(recipe.home), Merge(pair.index, (pair.index, pair.index + 1), None, groups.keep.tolist(), channels)
+    channels = Choice(torch.arange(recipe.arch.block_shape(wide, recipe.config).intermediate_size))
+    return half.to(recipe.home), recipe.record(groups, channels)
 
 
-def prune_mlp_only(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
+def prune_mlp_only(pair: BlockRun, scorer: ChannelScorer, hidden: list[Tensor], calls: list, *,
                    targets=None, token_weights=None, device=None, watch=None, **_) -> tuple[nn.Module, Merge]:
-    """The ablation "prune the MLP only": every head of both blocks stays."""
+    """The ablation "prune the MLP only": every head of the blocks stays."""
     recipe = _Recipe(pair, scorer, hidden, calls, token_weights, device, watch)
     wide = recipe.wide()
     groups = Choice(torch.arange(recipe.arch.block_shape(wide, recipe.config).num_kv_heads))
@@ -340,4 +362,5 @@ def prune_mlp_only(pair: BlockPair, scorer: ChannelScorer, hidden: list[Tensor],
     return block.to(recipe.home), recipe.record(groups, channels)
 
 
-RECIPES = {True: merge_pair, False: flatten_only, "attention": prune_attention_only, "mlp": prune_mlp_only}
+RECIPES = {True: merge_pair, False: flatten_only, "refit": refit_only, "attention": prune_attention_only,
+           "mlp": prune_mlp_only}

@@ -42,11 +42,16 @@ def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge
     current writer weight (out x in); ``lam = ridge * mean eigenvalue of gram``. Returns out x |keep|.
     """
     lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    g = gram[keep][:, keep]
     rhs = cross[keep] + lam * weight.double()[:, keep].T
+    everything = torch.equal(keep.cpu(), torch.arange(gram.shape[0]))
+    g = gram if everything else gram[keep][:, keep]  # every input kept (a wide block refitted whole): no copy
+    diagonal = g.diagonal().clone()
     g.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(g)  # positive definite unless rounding made the Gram matrix indefinite
-    solved = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
+    try:
+        factor, info = torch.linalg.cholesky_ex(g)  # positive definite unless rounding made it indefinite
+        solved = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
+    finally:
+        g.diagonal().copy_(diagonal)
     return solved.T.to(weight.dtype)
 
 

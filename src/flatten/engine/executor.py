@@ -107,15 +107,15 @@ class Executor:
         ablation ``prune`` names), its Merge record, and the one-block-fallback choice (None without it); the
         model is not changed. The refit fits ``fit_targets`` if given, else the original blocks' output."""
         options = self.options
-        if count != 2 and (options.prune is not True or options.one_block_fallback):
-            raise ValueError(f"a merge of {count} blocks at once is pruned back by merge_pair alone: it takes "
-                             f"neither prune={options.prune!r} nor one_block_fallback={options.one_block_fallback!r}")
+        if count != 2 and options.one_block_fallback:
+            raise ValueError(f"the one-block fallback compares the merges of two blocks: a merge of {count} blocks "
+                             f"at once does not take one_block_fallback={options.one_block_fallback!r}")
         pair = BlockRun(self.model, position, count) if count != 2 else BlockPair(self.model, position)
         if options.prune is not True:
             want = self.arch.shape_of(self.model.config)
             if any(self.arch.block_shape(b, self.model.config) != want for b in pair.blocks):
-                raise ValueError(f"prune={options.prune!r} leaves wide blocks: spans of two blocks only; span {span} "
-                                 "is longer")
+                raise ValueError(f"prune={options.prune!r} leaves wide blocks: a later step cannot flatten them "
+                                 f"again (span {span} takes in a wide block); flatten the span at once")
         weights = input_rms_weights(hidden) if options.token_weighting == "input-rms" else None
         first = pair_targets = None
         if options.one_block_fallback == "reconstruction":
