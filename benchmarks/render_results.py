@@ -9,9 +9,12 @@ the file stays as it is. One table per JSON file, newest first: model, removal, 
 the machine above it; perplexity on the validation texts (``val:`` columns, on which defaults are chosen), then
 on the test texts (``test:`` columns, which chose nothing); the lowest perplexity of the compressed models in
 bold per text and per (calibration, removal); and below it, each method's perplexity over that of the best
-baseline per test text. The README's region between ``<!-- generated: headline begin -->`` and ``<!-- generated:
-headline end -->`` gets, per model, the test columns of the complete float32 result that compares the most
-methods, a baseline among them (the newest of those that compare as many).
+baseline per test text. Before those, one table per setup that several files measured (the same model, removal,
+calibration tokens, windows and dtype): every method measured at it, each from the newest file that ran it, so
+that a baseline run in one file and the default run in another are compared side by side. The README's region
+between ``<!-- generated: headline begin -->`` and ``<!-- generated: headline end -->`` gets, per model, the test
+columns of the float32 setup that compares the most methods, a baseline among them: the dense model, each
+strategy as registered (no option), and of each baseline the variant best on the validation texts.
 Rendering is deterministic: running it twice gives the same files.
 """
 
@@ -84,6 +87,55 @@ def _best(groups: dict[tuple, list[dict]], texts: list[dict]) -> set[tuple[int, 
     return bold
 
 
+def setup_of(result: dict) -> tuple:
+    """What must be equal for two results' rows to be compared: model, removal, calibration tokens, windows, dtype."""
+    calibration, evaluation = result["calibrations"][0], result["evaluation"]
+    return (result["model"]["name"], tuple(result["remove"]), calibration["name"], calibration["sha256"],
+            evaluation["windows"], evaluation["seq_len"], result.get("dtype", "float32"))
+
+
+def pooled(results: list[tuple[str, dict]]) -> list[tuple[list[str], dict]]:
+    """Per setup (``setup_of``), newest first: the files that measured it and one result holding every method
+    measured at the setup's own calibration (dense first, then the library's methods, then the baselines), each
+    row from the newest file that ran that method, a text it lacks filled from an older one, and ``sources``
+    naming the files its numbers come from."""
+    by_setup: dict[tuple, list[tuple[str, dict]]] = {}
+    for name, result in results:  # newest first
+        by_setup.setdefault(setup_of(result), []).append((name, result))
+    out = []
+    for group in by_setup.values():
+        newest = group[0][1]
+        calibration = newest["calibrations"][0]["name"]
+        texts, rows = {}, {}
+        for name, result in group:
+            for text in result["texts"]:
+                texts.setdefault(text["name"], text)
+            for row in result["rows"]:
+                if row["method"] != "dense" and row.get("calibration") != calibration:
+                    continue
+                merged = rows.setdefault(row["method"], {**row, "perplexity": {}, "sources": []})
+                missing = {k: v for k, v in row["perplexity"].items() if k not in merged["perplexity"]}
+                if missing or not merged["sources"]:
+                    merged["perplexity"].update(missing)
+                    merged["sources"].append(name)
+        order = sorted(rows.values(), key=lambda r: (r["method"] != "dense", is_baseline(r["method"])))
+        out.append(([name for name, _ in group],
+                    {**newest, "complete": all(r.get("complete", True) for _, r in group),
+                     "texts": list(texts.values()), "rows": order}))
+    return out
+
+
+def geometric_mean(row: dict, texts: list[dict]) -> float | None:
+    """The geometric mean of a row's perplexities over ``texts``; None unless it has every one."""
+    values = [row["perplexity"].get(t["name"]) for t in texts]
+    if not values or None in values:
+        return None
+    product = 1.0
+    for value in values:
+        product *= value
+    return product ** (1 / len(values))
+
+
 def ratio_lines(result: dict) -> list[str]:
     """Per (calibration, removal): each method's perplexity over the best baseline's, per test text."""
     tests = [t["name"] for t in result["texts"] if t.get("role") == "test"]
@@ -97,14 +149,18 @@ def ratio_lines(result: dict) -> list[str]:
         if not baselines:
             lines.append(f"Ratio to the best baseline{where}: no baseline ({', '.join(BASELINES)}) in this run.")
             continue
-        best = {name: min(baselines, key=lambda r: r["perplexity"][name]) for name in tests}
+        tests_measured = [name for name in tests if any(name in r["perplexity"] for r in baselines)]
+        best = {name: min((r for r in baselines if name in r["perplexity"]), key=lambda r: r["perplexity"][name])
+                for name in tests_measured}
         cells = []
         for row in rows:
-            ratios = " / ".join(f"{row['perplexity'][name] / best[name]['perplexity'][name]:.3f}" for name in tests)
+            ratios = " / ".join(f"{row['perplexity'][name] / best[name]['perplexity'][name]:.3f}"
+                                if name in row["perplexity"] else "n/a" for name in tests_measured)
             cells.append(f"{_cell(row['method'])} {ratios}")
-        lines.append(f"Ratio to the best baseline{where}, per test text ({' / '.join(tests)}; perplexity over the "
-                     f"lowest of the baselines {', '.join(BASELINES)} and their variants, below 1: better than every "
-                     "one; best: " + ", ".join(f"{name} {_cell(best[name]['method'])}" for name in tests) + "): "
+        lines.append(f"Ratio to the best baseline{where}, per test text ({' / '.join(tests_measured)}; perplexity "
+                     f"over the lowest of the baselines {', '.join(BASELINES)} and their variants, below 1: better "
+                     "than every one; best: "
+                     + ", ".join(f"{name} {_cell(best[name]['method'])}" for name in tests_measured) + "): "
                      + "; ".join(cells) + ".")
     return lines
 
@@ -188,49 +244,116 @@ def render_table(result: dict, name: str) -> list[str]:
     return lines + ["", *ratio_lines(result)]
 
 
+def _short(name: str) -> str:
+    """A result file's name without its model and extension (``..._2026-12-05_cpu_laco.json`` -> ``2026-12-05_cpu_laco``)."""
+    stem = name.removesuffix(".json")
+    return stem.split("_", 2)[2] if stem.count("_") >= 2 else stem
+
+
+def render_pooled(names: list[str], result: dict) -> list[str]:
+    """One setup measured by several files: every method, the validation geometric mean, the files each row is
+    from, and the ratios to the best baseline."""
+    model, texts = result["model"], _ordered_texts(result)
+    validation = [t for t in texts if t.get("role") == "validation"]
+    calibration, evaluation = result["calibrations"][0], result["evaluation"]
+    lines = [f"### {model['name']}: every method at one setup, {','.join(map(str, result['remove']))} of "
+             f"{model['layers']} blocks removed (pooled from {len(names)} tables)", "",
+             f"Calibration `{calibration['name']}`, {calibration['samples']} x {calibration['seq_len']} tokens (token "
+             f"sha256 {calibration['sha256'][:12]}), the same rows for every method; the first "
+             f"{evaluation['windows']} windows of {evaluation['seq_len']} tokens per text; weights in "
+             f"{result.get('dtype', 'float32')}. Each row comes from the newest of these files that ran the method "
+             "(`from`; a text it lacks from an older one), its command and machine are above that file's own table: "
+             + ", ".join(f"`{name}`" for name in names) + ". `val: geometric mean`: over the validation texts, the "
+             "number defaults are chosen by.", ""]
+    header = ["method", "from", *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in validation),
+              *(["val: geometric mean"] if validation else []),
+              *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in texts if t not in validation),
+              "what it did"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = result["rows"]
+    bold = _best(_groups(rows), texts)
+    means = {id(r): geometric_mean(r, validation) for r in rows}
+    compressed = [means[id(r)] for r in rows if r["method"] != "dense" and means[id(r)] is not None]
+    for row in rows:
+        def cell(t):
+            value = _number(row["perplexity"].get(t["name"]), 2)
+            return f"**{value}**" if (id(row), t["name"]) in bold else value
+        mean = _number(means[id(row)], 2)
+        if row["method"] != "dense" and compressed and means[id(row)] == min(compressed):
+            mean = f"**{mean}**"
+        cells = [_cell(row["method"]), ", ".join(_short(n) for n in row["sources"]),
+                 *(cell(t) for t in validation), *([mean] if validation else []),
+                 *(cell(t) for t in texts if t not in validation), _cell(row.get("what"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", *ratio_lines(result)]
+
+
 def render(results: list[tuple[str, dict]]) -> list[str]:
     """The generated region, markers included."""
     lines = [BEGIN, NOTE, ""]
     if not results:
         lines += ["No results under `benchmarks/results/` yet.", ""]
+    for names, result in pooled(results):
+        if len(names) > 1:
+            lines += [*render_pooled(names, result), ""]
     for name, result in results:
         lines += [*render_table(result, name), ""]
     return lines + [END]
 
 
 def _headline_worthy(result: dict) -> bool:
-    return bool(result.get("complete") and result.get("dtype", "float32") == "float32"
+    return bool(result.get("dtype", "float32") == "float32"
                 and any(t.get("role") == "test" for t in result["texts"])
                 and any(is_baseline(r["method"]) for r in result["rows"]))
 
 
+def _headline_rows(result: dict) -> list[dict]:
+    """The dense model, each strategy as registered (no option), and of each baseline the variant with the
+    lowest geometric mean over the validation texts (every variant where no validation text was measured)."""
+    validation = [t for t in result["texts"] if t.get("role") == "validation"]
+    chosen = {}
+    for row in result["rows"]:
+        if is_baseline(row["method"]):
+            mean = geometric_mean(row, validation)
+            key = strategy(row["method"]) if validation else row["method"]
+            if mean is not None or not validation:
+                if key not in chosen or (mean or 0) < chosen[key][0]:
+                    chosen[key] = (mean or 0, row)
+    baselines = {id(row) for _, row in chosen.values()}
+    return [r for r in result["rows"] if id(r) in baselines or (":" not in r["method"] and not is_baseline(r["method"]))]
+
+
 def headline(results: list[tuple[str, dict]]) -> list[str]:
-    """The README's region: per model, the complete float32 result with test texts that compares the most
-    methods, a baseline among them (the newest of equals), its test texts only, and the rows of each strategy
-    as registered (no option) and of the baselines as run."""
+    """The README's region: per model, the float32 setup with test texts that compares the most methods, a
+    baseline among them (the newest of equals; its rows pooled from every file that measured it), its test texts
+    only, and the rows of ``_headline_rows``."""
     lines, chosen = [README_BEGIN, NOTE, ""], {}
-    for name, result in results:  # newest first: an older result is chosen only where it has more rows
+    setups = pooled(results)
+    for names, result in setups:  # newest first: an older setup is chosen only where it has more rows
         model = result["model"]["name"]
         if _headline_worthy(result) and len(result["rows"]) > len(chosen.get(model, (None, {"rows": []}))[1]["rows"]):
-            chosen[model] = (name, result)
-    for name, result in sorted(chosen.values(), key=results.index):
+            chosen[model] = (names, result)
+    for names, result in sorted(chosen.values(), key=lambda item: setups.index(item)):
         model = result["model"]["name"]
         tests = [t for t in result["texts"] if t.get("role") == "test"]
-        rows = [r for r in result["rows"] if ":" not in r["method"] or is_baseline(r["method"])]
+        rows = _headline_rows(result)
         calibration = result["calibrations"][0]
         lines += [f"{model}, {','.join(map(str, result['remove']))} of {result['model']['layers']} blocks removed, "
                   f"calibrated on {calibration['samples']} x {calibration['seq_len']} tokens of "
                   f"`{calibration['name']}`, {result['evaluation']['windows']} windows of "
-                  f"{result['evaluation']['seq_len']} tokens per text, on {result.get('device', 'cpu')} "
-                  f"(`benchmarks/results/{name}`; its validation columns and every variant are in RESULTS.md):", "",
-                  "| method | " + " | ".join(t["name"] for t in tests) + " | compress s | what it did |",
+                  f"{result['evaluation']['seq_len']} tokens per text, the same calibration for every method; of "
+                  "each baseline the variant best on the validation texts (from "
+                  + ", ".join(f"`benchmarks/results/{name}`" for name in names)
+                  + "; the validation columns, every variant and each file's command, machine and times are in "
+                  "RESULTS.md):", "",
+                  "| method | " + " | ".join(t["name"] for t in tests) + " | from | what it did |",
                   "|---|" + "---|" * (len(tests) + 2)]
         bold = _best(_groups(rows), tests)
         for row in rows:
             cells = [(lambda v: f"**{v}**" if (id(row), t["name"]) in bold else v)(
                 _number(row["perplexity"].get(t["name"]), 2)) for t in tests]
             lines.append(f"| {_cell(row['method'])} | " + " | ".join(cells)
-                         + f" | {_number(row.get('compress_seconds'), 1)} | {_cell(row.get('what'))} |")
+                         + f" | {', '.join(_short(n) for n in row['sources'])} | {_cell(row.get('what'))} |")
         lines += ["", *ratio_lines({**result, "rows": rows}), ""]
     return lines + [README_END]
 

@@ -9,6 +9,7 @@ from flatten import BlockPair, architecture_for
 from flatten.calibration import add_upper_gram, attention_stats, capture, mlp_stats, symmetric
 from flatten.criteria import (
     POLICIES,
+    MlpStats,
     SCORERS,
     SIMILARITIES,
     FixedSpans,
@@ -19,6 +20,7 @@ from flatten.criteria import (
     ridge_refit,
     top,
 )
+from flatten.criteria.scorers import refit_residual
 from flatten.merge import select_block
 from tiny import tiny_model, tiny_specs
 
@@ -97,6 +99,26 @@ def test_ridge_refit_solves_the_least_squares_problem(n, d, seed):
     y = y + torch.randn(y.shape, generator=g, dtype=torch.float64)
     expected = torch.linalg.solve(before + lam * torch.eye(n, dtype=torch.float64), a.T @ y + lam * w.T).T
     torch.testing.assert_close(ridge_refit(gram, a.T @ y, torch.arange(n), w, 0.5), expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 10), d=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_refit_residual_is_the_squared_miss_of_the_target(n, d, seed):
+    """For a subset of channels and for all of them (the Gram matrix then used as it is, not copied)."""
+    g = torch.Generator().manual_seed(seed)
+    psi = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
+    target = torch.randn(3 * n, d, generator=g, dtype=torch.float64)
+    down = torch.randn(d, n, generator=g, dtype=torch.float64)
+    stats = MlpStats(shape=None, weights={"down": down}, gram=psi.T @ psi, target_cross=psi.T @ target,
+                     tokens=3 * n, target_energy=float(target.square().sum()))
+    before = stats.gram.clone()
+    for keep in (torch.arange(0, n, 2), torch.arange(n)):
+        weight = torch.randn(d, len(keep), generator=g, dtype=torch.float64)
+        for w in (None, weight):
+            used = down[:, keep] if w is None else w
+            expected = float((psi[:, keep] @ used.T - target).square().sum())
+            assert refit_residual(stats, keep, w) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert torch.equal(stats.gram, before)
 
 
 def test_top_keeps_the_highest_scores_in_ascending_order():

@@ -148,18 +148,56 @@ def test_markers_out_of_order_are_refused():
         render_results.update("# Results\n\nnothing\n", ["x"])
 
 
-def test_the_readme_gets_the_test_columns_of_the_float32_result_of_most_methods(workspace):
+def _write(workspace, day, **changes):
+    result = {**_result(), "date": day, "title": f"run of {day}", **changes}
+    (workspace / "results" / f"smollm2-135m_remove6_{day}.json").write_text(json.dumps(result))
+    return result
+
+
+def test_results_of_one_setup_are_pooled_newest_first_and_other_setups_are_not(workspace):
+    """Rows of the same model, removal, calibration tokens, windows and dtype from several files go into one
+    table, each method from the newest file that ran it; a text a newer row lacks comes from an older one."""
+    rows = _result()["rows"]
+    newer_flattengpt = dict(rows[1], perplexity={"wikitext2": 30.0, "alice": 21.0})  # test texts only
+    laco = _row("laco", _ppl(100.0, 100.0, 90.0, 90.0))
+    _write(workspace, "2026-12-04", rows=[rows[0], newer_flattengpt, laco])
+    other_tokens = _result()["calibrations"][0] | {"sha256": "cd" * 32}
+    _write(workspace, "2026-12-05", calibrations=[other_tokens])  # another setup: never pooled with these
+    assert _run(workspace) == 0
+    region = _region((workspace / "RESULTS.md").read_text().split("\n"))
+    headings = [line for line in region if "every method at one setup" in line]
+    assert headings == ["### smollm2-135m: every method at one setup, 6 of 30 blocks removed (pooled from 2 tables)"]
+    start = region.index(headings[0])
+    table = region[start : next(i for i in range(start + 4, len(region)) if not region[i].startswith("|"))]
+    header = _cells(next(line for line in table if line.startswith("| method")))
+    assert header == ["method", "from", "val: wikipedia-leads-validation", "val: paradise-lost",
+                      "val: geometric mean", "test: wikitext2", "test: alice", "what it did"]
+    cells = {_cells(line)[0]: _cells(line) for line in table if line.startswith("| ") and "---" not in line}
+    assert list(cells)[2:] == ["flattengpt", "laco", "shortgpt", "sleb:search_samples=4"]  # ours, then baselines
+    assert cells["flattengpt"][1:7] == ["2026-12-04, 2026-12-03", "**12.00**", "40.00", "**21.91**", "30.00",
+                                        "21.00"]
+    assert cells["shortgpt"][1] == "2026-12-03" and cells["shortgpt"][4] == f"{(15.0 * 35.0) ** 0.5:.2f}"
+    assert cells["laco"][1] == "2026-12-04"
+    ratio = next(line for line in region[start:] if line.startswith("Ratio to the best baseline"))
+    assert f"flattengpt {30 / 25:.3f} / {21 / 20:.3f}" in ratio
+
+
+def test_the_readme_gets_the_test_columns_of_the_pooled_float32_setup_of_most_methods(workspace):
     readme = workspace / "README.md"
     readme.write_text(f"# x\n\n{render_results.README_BEGIN}\nold\n{render_results.README_END}\n\nafter\n")
-    for day, dtype, rows in (("2026-12-04", "float32", 3), ("2026-12-05", "bfloat16", 4)):  # newer, fewer or bf16
-        other = {**_result(), "date": day, "dtype": dtype, "title": f"{dtype} {day}"}
-        other["rows"] = [dict(row, perplexity={k: 2 * v for k, v in row["perplexity"].items()})
-                         for row in other["rows"][:rows]]
-        (workspace / "results" / f"smollm2-135m_remove6_{day}.json").write_text(json.dumps(other))
+    rows = _result()["rows"]
+    variants = [_row("laco", _ppl(100.0, 100.0, 60.0, 60.0)), _row("laco:threshold=0.9", _ppl(20.0, 20.0, 90.0, 90.0)),
+                _row("flattengpt:ridge=3", _ppl(1.0, 1.0, 1.0, 1.0))]
+    _write(workspace, "2026-12-04", rows=rows[:2] + variants)
+    _write(workspace, "2026-12-05", dtype="bfloat16", rows=rows * 3)  # more rows, but bfloat16
     assert _run(workspace, "--readme", str(readme)) == 0
     lines = readme.read_text().split("\n")
     region = lines[lines.index(render_results.README_BEGIN) : lines.index(render_results.README_END)]
     header = next(line for line in region if line.startswith("| method"))
-    assert _cells(header) == ["method", "wikitext2", "alice", "compress s", "what it did"]
+    assert _cells(header) == ["method", "wikitext2", "alice", "from", "what it did"]
     assert "old" not in region and lines[-2:] == ["after", ""]
-    assert any(line.startswith("| flattengpt | **24.00** | **18.00** |") for line in region)
+    methods = [_cells(line)[0] for line in region if line.startswith("| ") and line is not header and "---" not in line]
+    # a strategy's option variants are left out; of LaCo the variant best on the validation texts, not on test
+    assert methods == ["dense", "flattengpt", "laco:threshold=0.9", "shortgpt", "sleb:search_samples=4"]
+    assert any(line.startswith("| flattengpt | **24.00** | **18.00** | 2026-12-04 |") for line in region)
+    assert "smollm2-135m_remove6_2026-12-03.json" in "\n".join(region)
