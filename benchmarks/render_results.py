@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -119,9 +120,7 @@ def pooled(results: list[tuple[str, dict]]) -> list[tuple[list[str], dict]]:
                     merged["perplexity"].update(missing)
                     merged["sources"].append(name)
         order = sorted(rows.values(), key=lambda r: (r["method"] != "dense", is_baseline(r["method"])))
-        out.append(([name for name, _ in group],
-                    {**newest, "complete": all(r.get("complete", True) for _, r in group),
-                     "texts": list(texts.values()), "rows": order}))
+        out.append(([name for name, _ in group], {**newest, "texts": list(texts.values()), "rows": order}))
     return out
 
 
@@ -130,10 +129,7 @@ def geometric_mean(row: dict, texts: list[dict]) -> float | None:
     values = [row["perplexity"].get(t["name"]) for t in texts]
     if not values or None in values:
         return None
-    product = 1.0
-    for value in values:
-        product *= value
-    return product ** (1 / len(values))
+    return math.prod(values) ** (1 / len(values))
 
 
 def ratio_lines(result: dict) -> list[str]:
@@ -245,7 +241,7 @@ def render_table(result: dict, name: str) -> list[str]:
 
 
 def _short(name: str) -> str:
-    """A result file's name without its model and extension (``..._2026-12-05_cpu_laco.json`` -> ``2026-12-05_cpu_laco``)."""
+    """A result file's name without its model and extension (``m_remove6_2026-12-05_cpu.json``: ``2026-12-05_cpu``)."""
     stem = name.removesuffix(".json")
     return stem.split("_", 2)[2] if stem.count("_") >= 2 else stem
 
@@ -320,7 +316,9 @@ def _headline_rows(result: dict) -> list[dict]:
                 if key not in chosen or (mean or 0) < chosen[key][0]:
                     chosen[key] = (mean or 0, row)
     baselines = {id(row) for _, row in chosen.values()}
-    return [r for r in result["rows"] if id(r) in baselines or (":" not in r["method"] and not is_baseline(r["method"]))]
+    def registered(row: dict) -> bool:
+        return ":" not in row["method"] and not is_baseline(row["method"])
+    return [r for r in result["rows"] if id(r) in baselines or registered(r)]
 
 
 def headline(results: list[tuple[str, dict]]) -> list[str]:
