@@ -307,18 +307,19 @@ def _headline_rows(result: dict) -> list[dict]:
     """The dense model, each strategy as registered (no option), and of each baseline the variant with the
     lowest geometric mean over the validation texts (every variant where no validation text was measured)."""
     validation = [t for t in result["texts"] if t.get("role") == "validation"]
-    chosen = {}
+    chosen: dict[str, tuple[float, dict]] = {}
     for row in result["rows"]:
-        if is_baseline(row["method"]):
-            mean = geometric_mean(row, validation)
-            key = strategy(row["method"]) if validation else row["method"]
-            if mean is not None or not validation:
-                if key not in chosen or (mean or 0) < chosen[key][0]:
-                    chosen[key] = (mean or 0, row)
-    baselines = {id(row) for _, row in chosen.values()}
-    def registered(row: dict) -> bool:
-        return ":" not in row["method"] and not is_baseline(row["method"])
-    return [r for r in result["rows"] if id(r) in baselines or registered(r)]
+        if not is_baseline(row["method"]):
+            continue
+        if not validation:
+            chosen[row["method"]] = (0.0, row)
+            continue
+        mean = geometric_mean(row, validation)
+        if mean is not None and mean < chosen.get(strategy(row["method"]), (float("inf"),))[0]:
+            chosen[strategy(row["method"])] = (mean, row)
+    shown = {id(row) for _, row in chosen.values()}
+    shown |= {id(r) for r in result["rows"] if ":" not in r["method"] and not is_baseline(r["method"])}
+    return [r for r in result["rows"] if id(r) in shown]
 
 
 def headline(results: list[tuple[str, dict]]) -> list[str]:
