@@ -88,6 +88,17 @@ def _best(groups: dict[tuple, list[dict]], texts: list[dict]) -> set[tuple[int, 
     return bold
 
 
+def _column(text: dict) -> str:
+    """A perplexity column's heading: the text's role, then its name (``val: paradise-lost``)."""
+    return f"{PREFIX[text.get('role', 'other')]}: {text['name']}"
+
+
+def _perplexity(row: dict, text: dict, bold: set[tuple[int, str]]) -> str:
+    """A row's perplexity on ``text``, in bold where ``_best`` marked it."""
+    value = _number(row["perplexity"].get(text["name"]), 2)
+    return f"**{value}**" if (id(row), text["name"]) in bold else value
+
+
 def setup_of(result: dict) -> tuple:
     """What must be equal for two results' rows to be compared: model, removal, calibration tokens, windows, dtype."""
     calibration, evaluation = result["calibrations"][0], result["evaluation"]
@@ -210,16 +221,13 @@ def render_table(result: dict, name: str) -> list[str]:
               "dense model over the calibration set" + (f" ({forward:.1f} s, batches of 4)" if forward else "")
               + f".{zero_note}", ""]
     header = ["calibrated on", "method", "removed", "layers", "parameters",
-              *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in texts), *tasks,
+              *(_column(t) for t in texts), *tasks,
               *(["zero-shot mean +- se"] if tasks else []),
               "compress s", "compress / forward", "peak RSS GiB", "what it did"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     bold = _best(_groups(rows), texts)
     for row in rows:
-        ppl = []
-        for t in texts:
-            value = _number(row["perplexity"].get(t["name"]), 2)
-            ppl.append(f"**{value}**" if (id(row), t["name"]) in bold else value)
+        ppl = [_perplexity(row, t, bold) for t in texts]
         scores = []
         if tasks:
             shot = row.get("zero_shot")
@@ -261,9 +269,9 @@ def render_pooled(names: list[str], result: dict) -> list[str]:
              "(`from`; a text it lacks from an older one), its command and machine are above that file's own table: "
              + ", ".join(f"`{name}`" for name in names) + ". `val: geometric mean`: over the validation texts, the "
              "number defaults are chosen by.", ""]
-    header = ["method", "from", *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in validation),
+    header = ["method", "from", *(_column(t) for t in validation),
               *(["val: geometric mean"] if validation else []),
-              *(f"{PREFIX[t.get('role', 'other')]}: {t['name']}" for t in texts if t not in validation),
+              *(_column(t) for t in texts if t not in validation),
               "what it did"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = result["rows"]
@@ -271,15 +279,12 @@ def render_pooled(names: list[str], result: dict) -> list[str]:
     means = {id(r): geometric_mean(r, validation) for r in rows}
     compressed = [means[id(r)] for r in rows if r["method"] != "dense" and means[id(r)] is not None]
     for row in rows:
-        def cell(t):
-            value = _number(row["perplexity"].get(t["name"]), 2)
-            return f"**{value}**" if (id(row), t["name"]) in bold else value
         mean = _number(means[id(row)], 2)
         if row["method"] != "dense" and compressed and means[id(row)] == min(compressed):
             mean = f"**{mean}**"
         cells = [_cell(row["method"]), ", ".join(_short(n) for n in row["sources"]),
-                 *(cell(t) for t in validation), *([mean] if validation else []),
-                 *(cell(t) for t in texts if t not in validation), _cell(row.get("what"))]
+                 *(_perplexity(row, t, bold) for t in validation), *([mean] if validation else []),
+                 *(_perplexity(row, t, bold) for t in texts if t not in validation), _cell(row.get("what"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", *ratio_lines(result)]
 
@@ -349,8 +354,7 @@ def headline(results: list[tuple[str, dict]]) -> list[str]:
                   "|---|" + "---|" * (len(tests) + 2)]
         bold = _best(_groups(rows), tests)
         for row in rows:
-            cells = [(lambda v: f"**{v}**" if (id(row), t["name"]) in bold else v)(
-                _number(row["perplexity"].get(t["name"]), 2)) for t in tests]
+            cells = [_perplexity(row, t, bold) for t in tests]
             lines.append(f"| {_cell(row['method'])} | " + " | ".join(cells)
                          + f" | {', '.join(_short(n) for n in row['sources'])} | {_cell(row.get('what'))} |")
         lines += ["", *ratio_lines({**result, "rows": rows}), ""]
