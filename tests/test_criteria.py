@@ -20,7 +20,7 @@ from flatten.criteria import (
     ridge_refit,
     top,
 )
-from flatten.criteria.scorers import refit_residual
+from flatten.criteria.scorers import cholesky_solve, refit_residual
 from flatten.merge import select_block
 from tiny import tiny_model, tiny_specs
 
@@ -75,6 +75,16 @@ def test_ridge_leverage_is_the_diagonal_of_the_hat_matrix(n, extra, seed, ridge)
         torch.testing.assert_close(ridge_leverage(c, ridge, block=block), expected)
     assert torch.equal(c, before)  # shifted for the factorisation, then restored exactly
     assert bool((got >= 0).all() and (got <= 1).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 12), d=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_cholesky_solve_by_triangular_solves_matches_torch(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2 * n + 1, n, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a.T @ a + torch.eye(n, dtype=torch.float64))
+    rhs = torch.randn(n, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cholesky_solve(factor, rhs), torch.cholesky_solve(rhs, factor))
 
 
 @settings(max_examples=20, deadline=None)

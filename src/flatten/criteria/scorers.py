@@ -41,6 +41,14 @@ def _everything(keep: Tensor, n: int) -> bool:
     return torch.equal(keep.cpu(), torch.arange(n))
 
 
+def cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for a lower-triangular ``factor`` ``L``, by two triangular solves. Unlike
+    ``torch.cholesky_solve``, which copies the factor (a third 6.8 GB matrix beside the Gram matrix and its
+    factor at 29,184 MLP channels), it solves against the factor and its transposed view as they are."""
+    return torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False),
+                                         upper=True)
+
+
 def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge: float) -> Tensor:
     """Ridge least squares for the kept inputs of a writer: ``W'^T = (G_SS + lam I)^-1 (X_S + lam W_S^T)``.
 
@@ -54,7 +62,7 @@ def ridge_refit(gram: Tensor, cross: Tensor, keep: Tensor, weight: Tensor, ridge
     g.diagonal().add_(lam)
     try:
         factor, info = torch.linalg.cholesky_ex(g)  # positive definite unless rounding made it indefinite
-        solved = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
+        solved = cholesky_solve(factor, rhs) if int(info) == 0 else torch.linalg.solve(g, rhs)
     finally:
         g.diagonal().copy_(diagonal)
     return solved.T.to(weight.dtype)
