@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
                         help="a Python file that registers strategies, scorers or policies (repeatable)")
     args = parser.parse_args()
+    code = code_version()  # now, not after loading: the commit of the code this process imported
     load_plugins(args.plugin)
     methods = []
     for text in args.methods.split(","):
@@ -179,7 +180,7 @@ def main() -> None:
         "title": args.title,
         "command": "python " + shlex.join(sys.argv),
         "argv": sys.argv,
-        "code": code_version(),
+        "code": code,
         "date": day,
         "machine": machine(),
         "device": args.device,
