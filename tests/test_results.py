@@ -201,3 +201,9 @@ def test_the_readme_gets_the_test_columns_of_the_pooled_float32_setup_of_most_me
     assert methods == ["dense", "flattengpt", "laco:threshold=0.9", "shortgpt", "sleb:search_samples=4"]
     assert any(line.startswith("| flattengpt | **24.00** | **18.00** | 2026-12-04 |") for line in region)
     assert "smollm2-135m_remove6_2026-12-03.json" in "\n".join(region)
+
+
+def test_the_committed_tables_are_those_the_committed_result_files_give():
+    """RESULTS.md's and the README's generated regions are what ``benchmarks/results/*.json`` render to: no table
+    edited by hand, no result file left out."""
+    assert render_results.main(["--check"]) == 0
