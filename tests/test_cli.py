@@ -116,6 +116,14 @@ def test_compress_with_a_baseline_strategy(tiny, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
 
 
+def test_the_default_output_folder_is_named_after_the_method(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folder is out/<model>-<method> under the working directory
+    code = main(["compress", *_args(tiny, "--strategy", "shortgpt", "--remove", "2", "--quiet", *FAST,
+                                     "--no-eval", "--no-latency")])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{Path(tiny[0]).name}-shortgpt"]
+
+
 def test_compress_prune_only_takes_a_scorer(tiny, tmp_path, capsys):
     out = tmp_path / "narrow"
     code = main(["compress", *_args(tiny, "--strategy", "prune-only", "--scorer", "magnitude", "--remove", "1",

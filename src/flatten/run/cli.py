@@ -123,7 +123,7 @@ def _compress_parser(commands) -> None:
         "figure of what the plan was based on (cut.png or similarity.png).")
     _add_model(compress)
     _add_amount(compress)
-    compress.add_argument("--out", default=None, help="output folder (default out/<model name>-flattened)")
+    compress.add_argument("--out", default=None, help="output folder (default out/<model name>-<method name>)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     compress.add_argument("--gguf", default=None, metavar="FILE", help="also write the result as this GGUF file")
     _add_gguf(compress)
@@ -350,9 +350,10 @@ def _write_json(path: str | Path, document) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
 
 
-def _default_out(source: str) -> Path:
+def _default_out(source: str, method) -> Path:
+    """``out/<model>-<strategy>``: named after what runs (an absorb is not a flattening)."""
     name = Path(source.rstrip("/")).name
-    return Path("out") / f"{name.removesuffix('.gguf')}-flattened"
+    return Path("out") / f"{name.removesuffix('.gguf')}-{method.name}"
 
 
 # --- subcommands --------------------------------------------------------------------------------------------
@@ -361,8 +362,9 @@ def _default_out(source: str) -> Path:
 def run_compress(args) -> None:
     from flatten.run.pipeline import CompressJob, Latency, check_output
 
+    method = _method(args)
     job = CompressJob(
-        model=args.model, method=_method(args), out=Path(args.out) if args.out else _default_out(args.model),
+        model=args.model, method=method, out=Path(args.out) if args.out else _default_out(args.model, method),
         amount=_amount(args), calibration=_calibration(args), dtype=DTYPES[args.dtype], device=args.device,
         dispatch=_dispatch(args), batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
         argv=args.argv, texts=None if args.no_eval else _perplexity_texts(args),
